@@ -1,0 +1,184 @@
+"""Argument checks for ``loss()``: every bad input becomes a ValueError/TypeError
+that names the argument and says what was expected.
+
+Shape, dtype and device checks are free. Value checks (label and category
+ranges, 0/1 flags, finite margins) read tensor contents, which on CUDA is a
+host sync; they run only with ``check_inputs=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .constants import BACKENDS, LOSS_TYPES, REDUCTIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _require_int(name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {t.dtype}")
+
+
+def _require_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but policy_logits is on {device}; put both on one device")
+
+
+def _require_shape(name: str, t: torch.Tensor, shape: tuple, what: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_options(*, beta, loss_type, reduction, backend, margin, ignore_index) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite float, got {margin!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_logits(policy_logits, labels, ref_logits, ref_logps, *, shift_labels: bool, fused: bool) -> tuple[int, int, int]:
+    """Returns ``(2B, T, V)``."""
+    _require_tensor("policy_logits", policy_logits)
+    if policy_logits.dim() != 3:
+        raise ValueError(f"policy_logits must be 3-D (2B, T, V), got shape {tuple(policy_logits.shape)}")
+    _require_float("policy_logits", policy_logits)
+    rows, tokens, vocab = policy_logits.shape
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"policy_logits must have an even, non-zero first dim 2B (chosen rows then rejected rows), got {rows}"
+        )
+    if tokens == 0 or vocab == 0:
+        raise ValueError(f"policy_logits must have T >= 1 and V >= 1, got shape {tuple(policy_logits.shape)}")
+    if shift_labels and tokens < 2:
+        raise ValueError(f"shift_labels=True needs T >= 2 (it reads logits[:, :-1] against labels[:, 1:]), got T={tokens}")
+    if fused and policy_logits.stride(-1) != 1:
+        raise ValueError(
+            f"policy_logits must have a contiguous vocab dim (stride(-1) == 1), got strides {policy_logits.stride()}; "
+            "call .contiguous() first"
+        )
+    device = policy_logits.device
+    _require_tensor("labels", labels)
+    _require_int("labels", labels)
+    _require_shape("labels", labels, (rows, tokens), "(2B, T)")
+    _require_device("labels", labels, device)
+    if (ref_logits is None) == (ref_logps is None):
+        raise ValueError("pass exactly one of ref_logits (2B, T, V) or ref_logps (2B,)")
+    if ref_logits is not None:
+        _require_tensor("ref_logits", ref_logits)
+        _require_float("ref_logits", ref_logits)
+        _require_shape("ref_logits", ref_logits, policy_logits.shape, "(2B, T, V)")
+        _require_device("ref_logits", ref_logits, device)
+        if fused and ref_logits.stride(-1) != 1:
+            raise ValueError(
+                f"ref_logits must have a contiguous vocab dim (stride(-1) == 1), got strides {ref_logits.stride()}"
+            )
+    else:
+        _require_tensor("ref_logps", ref_logps)
+        _require_float("ref_logps", ref_logps)
+        _require_shape("ref_logps", ref_logps, (rows,), "(2B,)")
+        _require_device("ref_logps", ref_logps, device)
+    return rows, tokens, vocab
+
+
+def check_categories(categories, margins, num_categories, *, num_pairs: int, loss_type: str, device) -> int:
+    """Validates shapes and returns ``C``, the number of categories."""
+    if margins is not None:
+        _require_tensor("margins", margins)
+        _require_float("margins", margins)
+        if margins.dim() != 1:
+            raise ValueError(f"margins must be 1-D (C,), got shape {tuple(margins.shape)}")
+        _require_device("margins", margins, device)
+    if loss_type == "catdpo" and margins is None:
+        raise ValueError("loss_type='catdpo' needs margins: a (C,) tensor or a CategoryMargins")
+    if num_categories is not None:
+        if isinstance(num_categories, bool) or not isinstance(num_categories, numbers.Integral) or num_categories < 0:
+            raise ValueError(f"num_categories must be an int >= 0, got {num_categories!r}")
+    candidates = {}
+    if margins is not None and loss_type == "catdpo":
+        candidates["margins"] = margins.shape[0]
+    if num_categories is not None:
+        candidates["num_categories"] = int(num_categories)
+    if categories is not None:
+        _require_tensor("categories", categories)
+        _require_device("categories", categories, device)
+        if categories.dim() == 1:
+            _require_int("categories", categories)
+            _require_shape("categories", categories, (num_pairs,), "(B,)")
+        elif categories.dim() == 2:
+            if categories.dtype != torch.bool:
+                raise TypeError(f"categories as a (B, C) multi-hot matrix must be bool, got {categories.dtype}; use .bool()")
+            if categories.shape[0] != num_pairs:
+                raise ValueError(f"categories must have shape (B, C) with B = {num_pairs}, got {tuple(categories.shape)}")
+            candidates["categories"] = categories.shape[1]
+        else:
+            raise ValueError(f"categories must be (B,) int64 ids or (B, C) bool multi-hot, got shape {tuple(categories.shape)}")
+    sizes = set(candidates.values())
+    if len(sizes) > 1:
+        detail = ", ".join(f"{k} gives C={v}" for k, v in candidates.items())
+        raise ValueError(f"the number of categories C disagrees: {detail}")
+    if sizes:
+        return sizes.pop()
+    if categories is not None:
+        raise ValueError(
+            "categories given as (B,) ids need margins= or num_categories= to fix C, the size of the (C+1, K) stats table"
+        )
+    return 0
+
+
+def check_unsafe(unsafe, *, rows: int, device) -> None:
+    if unsafe is None:
+        return
+    _require_tensor("unsafe", unsafe)
+    if unsafe.dtype.is_complex:
+        raise TypeError(f"unsafe must be bool, integer or float 0/1 flags, got {unsafe.dtype}")
+    _require_shape("unsafe", unsafe, (rows,), "(2B,)")
+    _require_device("unsafe", unsafe, device)
+
+
+def check_values(*, labels, ignore_index, vocab, categories, num_categories, unsafe, margins) -> None:
+    """The content checks (host sync on CUDA): ranges, flags, finiteness."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
+            f"labels{tuple(first)} = {int(labels[tuple(first)])}"
+        )
+    if categories is not None and categories.dim() == 1:
+        bad = (categories < -1) | (categories >= num_categories)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"categories must be in [-1, C={num_categories}) (-1 = no category); categories[{i}] = {int(categories[i])}"
+            )
+    if unsafe is not None:
+        flags = unsafe.to(torch.float64) if unsafe.dtype != torch.bool else None
+        if flags is not None and bool(((flags != 0) & (flags != 1)).any()):
+            raise ValueError("unsafe must hold 0/1 flags per response row (chosen rows first)")
+    if margins is not None and not bool(torch.isfinite(margins).all()):
+        raise ValueError("margins must be finite")

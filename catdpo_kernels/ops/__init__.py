@@ -1,0 +1,1 @@
+"""Autograd-level building blocks: sequence log-probs, pair terms, category reductions."""
