@@ -17,7 +17,7 @@ from . import checks, reference
 from .margins import CategoryMargins
 from .ops.category_stats import category_mean_weights, category_table
 from .ops.pair_terms_torch import pair_terms_torch
-from .ops.sequence_logps_torch import sequence_logps_torch
+from .ops.sequence_logps_torch import policy_ref_logps_torch
 
 
 class LossOutput(NamedTuple):
@@ -63,10 +63,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def _stage_functions(backend: str):
     if backend == "triton":
         from .ops.pair_terms_triton import pair_terms_triton
-        from .ops.sequence_logps_triton import sequence_logps_triton
+        from .ops.sequence_logps_triton import policy_ref_logps_triton
 
-        return sequence_logps_triton, pair_terms_triton
-    return sequence_logps_torch, pair_terms_torch
+        return policy_ref_logps_triton, pair_terms_triton
+    return policy_ref_logps_torch, pair_terms_torch
 
 
 def _reduce(per_pair, table, categories, reduction):
@@ -133,6 +133,10 @@ def loss(
     )
     device = policy_logits.device
     backend = resolve_backend(backend, device)
+    if backend == "triton":
+        for name, t in (("policy_logits", policy_logits), ("ref_logits", ref_logits)):
+            if t is not None and t.dtype == torch.float64:
+                raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 {name}, got float64; use backend='torch'")
     if isinstance(margins, CategoryMargins):
         margins = margins.value_on(device)
     num_cats = checks.check_categories(
@@ -164,11 +168,12 @@ def loss(
             )  # fmt: skip
             return LossOutput(*out)
         sequence_logps, pair_terms = _stage_functions(backend)
-        seq = dict(ignore_index=ignore_index, average_log_prob=average_log_prob, shift_labels=shift_labels)
-        policy = sequence_logps(policy_logits, labels, inplace_backward=inplace_backward, **seq)
-        if ref_logps is None:
-            ref = sequence_logps(ref_logits.detach(), labels, requires_grad=False, **seq)
-        else:
+        policy, ref = sequence_logps(
+            policy_logits, None if ref_logits is None else ref_logits.detach(), labels,
+            ignore_index=ignore_index, average_log_prob=average_log_prob, shift_labels=shift_labels,
+            inplace_backward=inplace_backward,
+        )  # fmt: skip
+        if ref is None:
             ref = ref_logps.detach().to(policy.dtype)
         per_pair, values = pair_terms(
             policy, ref, categories, unsafe, margins, margin=margin, beta=beta, loss_type=loss_type

@@ -20,12 +20,16 @@ from ..reference import compute_dtype
 CHUNK_ELEMENTS = 1 << 21
 
 
-def token_blocks(rows: int, tokens: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> Iterator[tuple[slice, slice]]:
+def token_blocks(rows: int, tokens: int, vocab: int, budget: int | None = None) -> Iterator[tuple[slice, slice]]:
     """Cover a ``(rows, tokens)`` grid with blocks of about ``budget / vocab`` tokens.
 
     Short sequences are grouped several rows per block; long ones are split
     along ``T``. Works for any strides, because blocks are plain slices.
+    ``budget`` defaults to the module's ``CHUNK_ELEMENTS``, read at call time
+    (so tests and users can change it).
     """
+    if budget is None:
+        budget = CHUNK_ELEMENTS
     per_block = max(1, budget // max(vocab, 1))
     if tokens <= per_block:
         rows_per_block = max(1, per_block // max(tokens, 1))
@@ -175,3 +179,20 @@ def sequence_logps_torch(
             save_lse=False,
         )
     return logps
+
+
+def policy_ref_logps_torch(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    average_log_prob: bool,
+    shift_labels: bool,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Policy log-probs (with autograd) and, if given, reference log-probs (without)."""
+    seq = dict(ignore_index=ignore_index, average_log_prob=average_log_prob, shift_labels=shift_labels)
+    policy = sequence_logps_torch(policy_logits, labels, inplace_backward=inplace_backward, **seq)
+    ref = None if ref_logits is None else sequence_logps_torch(ref_logits, labels, requires_grad=False, **seq)
+    return policy, ref

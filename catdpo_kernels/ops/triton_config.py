@@ -1,0 +1,54 @@
+"""Launch configuration of the vocab-loop kernels, chosen from ``V`` and the dtype.
+
+The kernels are memory-bound: one program streams one token's ``V`` logits,
+so the block only has to be wide enough to keep enough bytes in flight per
+SM. ``CATDPO_TRITON_CONFIG="BLOCK_V=8192,num_warps=16"`` overrides the choice;
+it exists for ``catdpo-bench --triton-config`` sweeps on a GPU, not for users.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+ENV_OVERRIDE = "CATDPO_TRITON_CONFIG"
+# Upper bound on BLOCK_V; tests lower it to exercise multi-block vocab loops in the interpreter.
+MAX_BLOCK_V = 8192
+
+
+@dataclass(frozen=True)
+class VocabLoopConfig:
+    BLOCK_V: int
+    num_warps: int
+
+    def launch_kwargs(self) -> dict:
+        return {"BLOCK_V": self.BLOCK_V, "num_warps": self.num_warps}
+
+
+def _parse_override(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in ("BLOCK_V", "num_warps") or not value.strip().isdigit():
+            raise ValueError(f"{ENV_OVERRIDE} must look like 'BLOCK_V=4096,num_warps=8', got {text!r}")
+        out[key] = int(value)
+    if "BLOCK_V" in out and out["BLOCK_V"] & (out["BLOCK_V"] - 1):
+        raise ValueError(f"{ENV_OVERRIDE}: BLOCK_V must be a power of two, got {out['BLOCK_V']}")
+    return out
+
+
+def vocab_loop_config(vocab: int, dtype: torch.dtype) -> VocabLoopConfig:
+    # 16 KiB of input per block iteration for any element size, capped by V.
+    per_block = 16384 // torch.tensor([], dtype=dtype).element_size()
+    block = min(triton.next_power_of_2(vocab), per_block, MAX_BLOCK_V)
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2
+    override = os.environ.get(ENV_OVERRIDE)
+    if override:
+        parsed = _parse_override(override)
+        block = parsed.get("BLOCK_V", block)
+        warps = parsed.get("num_warps", warps)
+    return VocabLoopConfig(BLOCK_V=block, num_warps=warps)

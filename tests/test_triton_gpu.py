@@ -1,0 +1,75 @@
+"""CUDA-only checks of backend="triton": no host syncs, and the production shape.
+
+(The interpreter tests in test_triton_backend.py also run on CUDA when a GPU is present.)
+"""
+
+import pytest
+import torch
+from _utils import make_batch
+
+import catdpo_kernels
+from catdpo_kernels.bench.memory import cuda_peak_above_start
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("reduction", ("mean", "category_mean"))
+@pytest.mark.parametrize("multi_hot", (False, True))
+def test_forward_and_backward_never_sync_with_the_host(reduction, multi_hot):
+    batch = make_batch(4, 64, 1000, 5, torch.bfloat16, device="cuda", seed=1, multi_hot=multi_hot)
+    logits = batch["policy_logits"].clone().requires_grad_()
+    margins = catdpo_kernels.CategoryMargins(5).to("cuda")
+    # Warm up: Triton compiles (and autotunes nothing) on the first call.
+    catdpo_kernels.loss(**dict(batch, policy_logits=logits, margins=margins), check_inputs=False).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = catdpo_kernels.loss(
+            **dict(batch, policy_logits=logits, margins=margins), reduction=reduction, check_inputs=False
+        )
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss)
+
+
+def _large_inputs(seed=0):
+    rows, tokens, vocab, num_cats = 8, 2048, 128256, 19
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    policy = torch.randn(rows, tokens, vocab, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ref = torch.randn(rows, tokens, vocab, device="cuda", dtype=torch.bfloat16, generator=gen)
+    labels = torch.randint(0, vocab, (rows, tokens), device="cuda", generator=gen)
+    labels[:, :512] = -100  # a prompt
+    categories = torch.tensor([0, 5, -1, 18], device="cuda")
+    margins = torch.linspace(0.1, 2.0, num_cats, device="cuda")
+    return policy, ref, labels, categories, margins
+
+
+def test_production_shape_values_and_memory():
+    policy, ref, labels, categories, margins = _large_inputs()
+    grad_bytes = policy.numel() * policy.element_size()
+
+    def run(backend, inplace=False):
+        logits = policy.detach().clone().requires_grad_() if not inplace else None
+        if inplace:
+            leaf = policy.detach().clone().requires_grad_()
+            logits = leaf.view_as(leaf)  # a non-leaf view: the gradient may overwrite it
+        out = catdpo_kernels.loss(
+            logits, labels, categories, margins, ref_logits=ref, backend=backend, shift_labels=True,
+            check_inputs=False, inplace_backward=inplace,
+        )  # fmt: skip
+        out.loss.backward()
+        return out
+
+    naive_peak, naive = cuda_peak_above_start(lambda: run("reference"))
+    fused_peak, fused = cuda_peak_above_start(lambda: run("triton"))
+    torch.testing.assert_close(fused.policy_logps, naive.policy_logps, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(fused.ref_logps, naive.ref_logps, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(fused.loss, naive.loss, rtol=1e-4, atol=1e-4)
+    # Peak above the inputs, not counting the gradient that backward must return.
+    ratio = (fused_peak - grad_bytes) / (naive_peak - grad_bytes)
+    print(f"peak memory above inputs, fused/naive = {ratio:.4f}")
+    assert ratio <= 0.02
+    inplace_peak, _ = cuda_peak_above_start(lambda: run("triton", inplace=True))
+    # In place: no (2B, T, V) allocation at all beyond the clone made by run().
+    assert inplace_peak - grad_bytes < grad_bytes / 100
