@@ -119,7 +119,8 @@ def check_categories(categories, margins, num_categories, *, num_pairs: int, los
         if isinstance(num_categories, bool) or not isinstance(num_categories, numbers.Integral) or num_categories < 0:
             raise ValueError(f"num_categories must be an int >= 0, got {num_categories!r}")
     candidates = {}
-    if margins is not None and loss_type == "catdpo":
+    if margins is not None:
+        # dpo/ipo/safedpo ignore the margin values, but their length is still C.
         candidates["margins"] = margins.shape[0]
     if num_categories is not None:
         candidates["num_categories"] = int(num_categories)

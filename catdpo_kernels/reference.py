@@ -157,7 +157,10 @@ def category_mean(loss: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     row_sum = member.T @ loss
     active = count > 0
     row_mean = torch.where(active, row_sum / count.clamp(min=1), torch.zeros_like(row_sum))
-    return row_mean.sum() / active.sum().clamp(min=1)
+    out = row_mean.sum() / active.sum().clamp(min=1)
+    # A pair in no row has an out-of-range id (checks off): NaN, not a silent drop.
+    lost = (member.sum(1) == 0).any()
+    return torch.where(lost, torch.full_like(out, float("nan")), out)
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str, member: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ def category_mean_weights(counts: torch.Tensor, categories: torch.Tensor | None,
     A pair in rows ``R`` gets ``Σ_{r∈R} 1/count_r / n_active``. ``counts`` is
     column 0 of the table; nothing here synchronises with the host.
     """
+    counts = counts.double()  # exact 1/count for float64 losses; O(C) work
     num_rows = counts.shape[0]
     active = counts > 0
     inv = torch.where(active, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
@@ -30,7 +31,8 @@ def category_mean_weights(counts: torch.Tensor, categories: torch.Tensor | None,
         none = ~categories.any(-1)
         return categories.to(inv.dtype) @ inv[: num_rows - 1] + none.to(inv.dtype) * inv[num_rows - 1]
     idx = torch.where(categories < 0, torch.full_like(categories, num_rows - 1), categories)
-    padded = torch.cat([inv, inv.new_zeros(1)])
-    # Out-of-range ids (checks off) weigh nothing; their loss is NaN anyway.
+    padded = torch.cat([inv, inv.new_full((1,), float("nan"))])
+    # Out-of-range ids (checks off) get a NaN weight: the category_mean is NaN for
+    # every loss type, never a silent average without them.
     idx = torch.where((categories < -1) | (categories >= num_rows - 1), torch.full_like(idx, num_rows), idx)
     return padded[idx]

@@ -1,0 +1,310 @@
+"""Shared test helpers: random Cat-DPO batches, the float64 ground truth, and the
+"no worse than naive" criterion of DESIGN.md §4.
+
+Import from any test file as ``from _utils import ...`` (pytest puts ``tests/``
+on ``sys.path`` through rootdir-relative imports; ``conftest.py`` lives there too).
+
+Typical use::
+
+    batch = make_batch(2, 7, 37, 3, torch.bfloat16, seed=1)
+    exact_out, exact_grad = float64_reference(**batch, beta=0.1)
+    naive_out, naive_grad = run_loss(batch, backend="reference", beta=0.1)
+    fused_out, fused_grad = run_loss(batch, backend="torch", beta=0.1)
+    assert_no_worse_than_naive(fused_grad, naive_grad, exact_grad, atol=1e-6, rtol=0.5, name="grad")
+"""
+
+from __future__ import annotations
+
+import torch
+
+import catdpo_kernels
+
+IGNORE_INDEX = -100
+FLOAT_KEYS = ("policy_logits", "ref_logits", "ref_logps", "margins")
+TENSOR_KEYS = ("policy_logits", "labels", "categories", "margins", "ref_logits", "ref_logps", "unsafe")
+
+
+def make_batch(
+    B: int,
+    T: int,
+    V: int,
+    C: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device="cpu",
+    seed: int = 0,
+    masked_frac: float = 0.25,
+    fully_masked_rows=(),
+    multi_hot: bool = False,
+    with_unsafe: bool = True,
+    non_contiguous: bool = False,
+    shift: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    scale: float = 3.0,
+) -> dict:
+    """Fresh random inputs for ``catdpo_kernels.loss(**batch, ...)``.
+
+    Returns a dict with ``policy_logits`` and ``ref_logits`` ``(2B, T, V)`` in ``dtype``
+    (``scale``·randn so the softmax is far from flat; leaves without grad: call
+    ``.requires_grad_()`` yourself), ``labels`` ``(2B, T)`` int64 with about
+    ``masked_frac`` of the tokens set to ``ignore_index`` (every row keeps at least one
+    counted token, except ``fully_masked_rows``, which have none), ``categories``
+    (``(B,)`` int64 in ``[-1, C)`` with at least one ``-1`` and, for B >= 2, at least one
+    real category; or ``(B, C)`` bool multi-hot with an all-false row when B >= 2),
+    ``unsafe`` (``(2B,)`` int64 0/1, or None): chosen rows are safe, the rejected row of
+    a pair with a category is unsafe (most pairs) or safe, pairs without a category are
+    safe/safe; and ``margins`` ``(C,)`` fp32, positive.
+
+    ``non_contiguous``: the logits are ``[:, :, :V]`` slices of a wider buffer (strided
+    rows, contiguous vocab). ``shift``: the mask pattern is applied to the labels as
+    ``shift_labels=True`` reads them (``labels[:, 1:]``); ``labels[:, 0]`` is always a
+    valid token, so a fully masked row is fully masked only under the shift.
+    """
+    if C < 1:
+        raise ValueError("make_batch needs C >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * B
+
+    def logits():
+        width = V + 7 if non_contiguous else V
+        x = torch.randn(rows, T, width, generator=gen, dtype=torch.float64) * scale
+        x = x.to(dtype)
+        return x[:, :, :V] if non_contiguous else x
+
+    policy_logits = logits()
+    ref_logits = logits()
+    labels = torch.randint(0, V, (rows, T), generator=gen)
+    start = 1 if shift else 0
+    counted = T - start
+    if counted < 1:
+        raise ValueError("shift=True needs T >= 2")
+    masked = torch.rand(rows, counted, generator=gen) < masked_frac
+    # Keep at least one counted token in every row that is not meant to be empty.
+    keep = torch.randint(0, counted, (rows,), generator=gen)
+    masked[torch.arange(rows), keep] = False
+    for r in fully_masked_rows:
+        masked[r] = True
+    labels[:, start:] = torch.where(masked, torch.full_like(labels[:, start:], ignore_index), labels[:, start:])
+
+    if multi_hot:
+        categories = torch.rand(B, C, generator=gen) < 0.4
+        if B >= 2:
+            categories[0] = False  # a pair with no category -> stats row C
+            if not categories[1:].any():
+                categories[1, torch.randint(0, C, (1,), generator=gen)] = True
+        has_cat = categories.any(-1)
+    else:
+        categories = torch.randint(-1, C, (B,), generator=gen)
+        categories[0] = -1
+        if B >= 2 and not (categories[1:] >= 0).any():
+            categories[1] = torch.randint(0, C, (1,), generator=gen)
+        has_cat = categories >= 0
+
+    unsafe = None
+    if with_unsafe:
+        rejected_unsafe = has_cat & (torch.rand(B, generator=gen) < 0.75)
+        unsafe = torch.cat([torch.zeros(B, dtype=torch.int64), rejected_unsafe.long()])
+
+    margins = torch.rand(C, generator=gen, dtype=torch.float64).mul(2.0).add(0.1).float()
+    batch = dict(
+        policy_logits=policy_logits,
+        labels=labels,
+        categories=categories,
+        margins=margins,
+        ref_logits=ref_logits,
+        unsafe=unsafe,
+    )
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _upstream(loss: torch.Tensor, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+    if loss.dim() == 0:
+        return None if grad_out is None else grad_out.to(loss.dtype)
+    if grad_out is None:
+        # A fixed, non-uniform upstream gradient for reduction="none".
+        grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+    return grad_out.to(device=loss.device, dtype=loss.dtype)
+
+
+def run_loss(batch: dict, *, backend: str, upcast: bool = False, grad: bool = True, grad_out=None, **opts):
+    """``loss(**batch, backend=backend, **opts)`` on fresh copies; returns ``(LossOutput, logits grad)``.
+
+    The logits are cloned as leaves (their strides kept, so non-contiguous inputs stay
+    non-contiguous) and get ``requires_grad`` when ``grad``; the loss is backpropagated
+    (``grad_out`` or a fixed ramp for ``reduction="none"``) and the gradient returned,
+    else ``None``. ``upcast``: every float tensor goes to float64 first.
+    """
+    kwargs = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if upcast and key in FLOAT_KEYS:
+                value = value.to(torch.float64)
+            if key == "policy_logits":
+                value = _clone_keep_strides(value)
+        kwargs[key] = value
+    kwargs.update(opts)
+    logits = kwargs["policy_logits"]
+    if grad:
+        logits.requires_grad_(True)
+    out = catdpo_kernels.loss(backend=backend, **kwargs)
+    if not grad:
+        return out, None
+    out.loss.backward(_upstream(out.loss, grad_out))
+    return out, logits.grad
+
+
+def float64_reference(grad: bool = True, grad_out=None, **kwargs):
+    """The ground truth: ``backend="reference"`` on float64 copies of every float input.
+
+    Takes ``loss()``'s keyword arguments (``**make_batch(...)`` plus options); returns
+    ``(LossOutput, float64 logits gradient or None)``.
+    """
+    kwargs.pop("backend", None)
+    return run_loss(kwargs, backend="reference", upcast=True, grad=grad, grad_out=grad_out)
+
+
+def _clone_keep_strides(x: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf with the same sizes and strides as ``x`` (views stay views of a new buffer)."""
+    return x.clone() if x.is_contiguous() else _strided_copy(x)
+
+
+def _strided_copy(x: torch.Tensor) -> torch.Tensor:
+    """Copy ``x`` into a buffer with the same strides (including gaps), returned as a leaf view."""
+    span = 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
+    storage = torch.full((span,), float("nan"), dtype=x.dtype, device=x.device)
+    view = storage.as_strided(x.shape, x.stride())
+    view.copy_(x)
+    return view.detach()
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` in float64; NaN in the same places counts as equal, elsewhere as inf."""
+    a = a.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu()
+    if a.shape != b.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return float("inf")
+    diff = (a - b).abs()
+    diff = torch.where(nan_a, torch.zeros_like(diff), diff)
+    diff = torch.where(torch.isinf(a) & (a == b), torch.zeros_like(diff), diff)
+    return float(diff.max())
+
+
+def _worst(a: torch.Tensor, b: torch.Tensor) -> str:
+    a = a.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu()
+    if a.numel() == 0:
+        return ""
+    diff = torch.nan_to_num((a - b).abs(), nan=float("inf"))
+    idx = int(diff.reshape(-1).argmax())
+    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape)) if a.dim() else ()
+    return f"at {pos}: got {a.reshape(-1)[idx].item()!r}, exact {b.reshape(-1)[idx].item()!r}"
+
+
+def assert_no_worse_than_naive(
+    fused: torch.Tensor,
+    naive: torch.Tensor,
+    exact: torch.Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    name: str,
+) -> None:
+    """DESIGN.md §4: ``err(fused) ≤ err(naive)·(1 + rtol) + atol``, errors as max-abs vs float64.
+
+    ``fused`` and ``naive`` are the same quantity computed in the same dtype by the
+    fused backend and by the naive reference; ``exact`` is the float64 ground truth.
+    NaNs must appear where ``exact`` has them. ``rtol`` is a relative slack on the
+    naive error (rounding luck of the worst element), ``atol`` an absolute floor for
+    when the naive path happens to be (nearly) exact.
+    """
+    if tuple(fused.shape) != tuple(exact.shape) or tuple(naive.shape) != tuple(exact.shape):
+        raise AssertionError(
+            f"{name}: shapes differ: fused {tuple(fused.shape)}, naive {tuple(naive.shape)}, exact {tuple(exact.shape)}"
+        )
+    if fused.dtype != naive.dtype:
+        raise AssertionError(f"{name}: fused is {fused.dtype} but naive is {naive.dtype}; compare like with like")
+    err_fused = max_abs_err(fused, exact)
+    err_naive = max_abs_err(naive, exact)
+    if err_naive == float("inf"):
+        raise AssertionError(f"{name}: the naive path itself disagrees with float64 on NaN positions; {_worst(naive, exact)}")
+    bound = err_naive * (1.0 + rtol) + atol
+    if not err_fused <= bound:
+        scale = float(exact.detach().double().abs().nan_to_num(0.0).max()) if exact.numel() else 0.0
+        raise AssertionError(
+            f"{name} ({fused.dtype}): fused error {err_fused:.3e} > bound {bound:.3e} "
+            f"= naive error {err_naive:.3e} * (1 + rtol={rtol}) + atol={atol:.1e}; "
+            f"max |exact| = {scale:.3e}; worst fused element {_worst(fused, exact)}; "
+            f"worst naive element {_worst(naive, exact)}"
+        )
+
+
+def assert_close_to_exact(actual: torch.Tensor, exact: torch.Tensor, *, atol: float, rtol: float, name: str) -> None:
+    """``|actual - exact| ≤ atol + rtol·|exact|`` elementwise (NaN where ``exact`` is NaN)."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = exact.detach().to(torch.float64).cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}")
+    if not torch.equal(torch.isnan(a), torch.isnan(e)):
+        raise AssertionError(f"{name}: NaN positions differ: got {a.tolist()}, exact {e.tolist()}")
+    ok = torch.isnan(e) | ((a - e).abs() <= atol + rtol * e.abs())
+    if not bool(ok.all()):
+        raise AssertionError(
+            f"{name}: max error {max_abs_err(a, e):.3e} exceeds atol={atol:.1e} + rtol={rtol:.1e}·|exact|; {_worst(a, e)}"
+        )
+
+
+# Per-dtype tolerances for assert_no_worse_than_naive: (atol relative to the
+# quantity's scale, relative slack on the naive error).
+SLACK = {
+    torch.float64: (1e-12, 1.0),
+    torch.float32: (1e-6, 1.0),
+    torch.bfloat16: (1e-6, 1.0),
+    torch.float16: (1e-6, 1.0),
+}
+
+
+def compare_outputs(fused_out, naive_out, exact_out, *, dtype, fields=None, check_stats=True) -> None:
+    """Apply the no-worse criterion to every field of two ``LossOutput``s.
+
+    ``category_stats`` columns are compared too; the integer-valued columns
+    (count, margin_ok, reward_acc) must match the naive path exactly unless the
+    float64 values sit on a decision boundary.
+    """
+    atol, rtol = SLACK[dtype]
+    names = fields or ("loss", "policy_logps", "ref_logps", "chosen_rewards", "rejected_rewards")
+    for field in names:
+        f, n, e = getattr(fused_out, field), getattr(naive_out, field), getattr(exact_out, field)
+        scale = max(1.0, float(e.detach().double().abs().nan_to_num(0.0).max())) if e.numel() else 1.0
+        assert_no_worse_than_naive(f.detach(), n.detach().to(f.dtype), e, atol=atol * scale, rtol=rtol, name=field)
+    if check_stats:
+        f, n, e = fused_out.category_stats, naive_out.category_stats, exact_out.category_stats
+        assert f.dtype == torch.float32, f"category_stats must be fp32, got {f.dtype}"
+        assert f.shape == e.shape, f"category_stats shape {tuple(f.shape)} != {tuple(e.shape)}"
+        scale = max(1.0, float(e.double().abs().max()))
+        assert_no_worse_than_naive(f, n, e, atol=2e-6 * scale, rtol=rtol, name="category_stats")
+
+
+def assert_backend_matches_reference(batch: dict, *, backend: str, grad_out=None, check_stats: bool = True, **opts):
+    """Run ``backend`` and the naive reference in the batch's dtype, and the float64
+    reference; apply the no-worse criterion to every output and to the logits gradient.
+
+    Returns ``(fused LossOutput, fused logits gradient, float64 LossOutput, float64 gradient)``.
+    """
+    dtype = batch["policy_logits"].dtype
+    exact, g_exact = float64_reference(**batch, grad_out=grad_out, **opts)
+    naive, g_naive = run_loss(batch, backend="reference", grad_out=grad_out, **opts)
+    fused, g_fused = run_loss(batch, backend=backend, grad_out=grad_out, **opts)
+    assert fused.loss.shape == exact.loss.shape, f"loss shape {tuple(fused.loss.shape)} != {tuple(exact.loss.shape)}"
+    compare_outputs(fused, naive, exact, dtype=dtype, check_stats=check_stats)
+    assert g_fused.dtype == dtype, f"logits gradient is {g_fused.dtype}, logits are {dtype}"
+    assert g_fused.shape == batch["policy_logits"].shape
+    atol, rtol = SLACK[dtype]
+    scale = max(float(g_exact.abs().nan_to_num(0.0).max()), 1e-30) if g_exact.numel() else 1.0
+    assert_no_worse_than_naive(g_fused, g_naive, g_exact, atol=atol * scale, rtol=rtol, name="logits gradient")
+    return fused, g_fused, exact, g_exact
