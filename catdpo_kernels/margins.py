@@ -95,12 +95,15 @@ class CategoryMargins:
     ):
         if isinstance(num_categories, bool) or not isinstance(num_categories, int) or num_categories < 1:
             raise ValueError(f"num_categories must be an int >= 1, got {num_categories!r}")
-        for name, v in (("lr", lr), ("min_count", min_count), ("eps", eps)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        for name, v in (("lr", lr), ("min_count", min_count)):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not (isinstance(ema, (int, float)) and 0.0 <= ema < 1.0):
+        # eps = 0 would make r_c = 0/0 = NaN for a category with no pairs yet.
+        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        if isinstance(ema, bool) or not (isinstance(ema, (int, float)) and 0.0 <= ema < 1.0):
             raise ValueError(f"ema must be in [0, 1), got {ema!r}")
-        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+        if isinstance(warmup_steps, bool) or not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if not (math.isfinite(min_margin) and math.isfinite(max_margin) and min_margin <= max_margin):
             raise ValueError(f"need finite min_margin <= max_margin, got {min_margin!r}, {max_margin!r}")
@@ -202,8 +205,11 @@ class CategoryMargins:
             if ext.shape != (self.num_categories,):
                 raise ValueError(f"unsafe_rate must have shape (C,) = ({self.num_categories},), got {tuple(ext.shape)}")
             if cfg["sync"] and _distributed_world() > 1:
-                # Average the judge's rates so that every rank moves identically.
-                ext = _all_reduce_sum(torch.nan_to_num(ext, nan=0.0)) / _distributed_world()
+                # Average each category's finite rates over the ranks (NaN where no rank
+                # has one, so that category stays put), so that every rank moves identically.
+                has = torch.isfinite(ext)
+                packed = _all_reduce_sum(torch.stack([torch.where(has, ext, torch.zeros_like(ext)), has.double()]))
+                ext = torch.where(packed[1] > 0, packed[0] / packed[1].clamp(min=1), torch.full_like(ext, float("nan")))
             finite = torch.isfinite(ext)
             active &= finite
             rate = torch.where(finite, ext, torch.zeros_like(ext))
