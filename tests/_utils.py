@@ -134,6 +134,24 @@ def run_loss(batch: dict, *, backend: str, upcast: bool = False, grad: bool = Tr
     (``grad_out`` or a fixed ramp for ``reduction="none"``) and the gradient returned,
     else ``None``. ``upcast``: every float tensor goes to float64 first.
     """
+    out, grad_loss, _ = run_loss_and_logps_grad(batch, backend=backend, upcast=upcast, grad=grad, grad_out=grad_out,
+                                                logps_grad=False, **opts)  # fmt: skip
+    return out, grad_loss
+
+
+def logps_upstream(n: int) -> torch.Tensor:
+    """A fixed upstream gradient for ``policy_logps``: both signs, no two entries equal."""
+    ramp = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+    return ramp * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat((n + 1) // 2)[:n]
+
+
+def run_loss_and_logps_grad(batch: dict, *, backend: str, upcast: bool = False, grad: bool = True, grad_out=None,
+                            logps_grad: bool = True, **opts):  # fmt: skip
+    """Like ``run_loss``, plus the logits gradient of ``Σ u·policy_logps`` for the fixed
+    ``u = logps_upstream(2B)``: the sequence stage alone, free of the pair loss's
+    conditioning (a tiny error in ``h`` moves ``σ(−z)`` by up to ``β·δh``).
+    Returns ``(LossOutput, loss gradient, log-prob gradient)``.
+    """
     kwargs = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -149,9 +167,13 @@ def run_loss(batch: dict, *, backend: str, upcast: bool = False, grad: bool = Tr
         logits.requires_grad_(True)
     out = catdpo_kernels.loss(backend=backend, **kwargs)
     if not grad:
-        return out, None
+        return out, None, None
+    grad_logps = None
+    if logps_grad:
+        u = logps_upstream(out.policy_logps.numel()).to(out.policy_logps.dtype)
+        (grad_logps,) = torch.autograd.grad(out.policy_logps, logits, grad_outputs=u, retain_graph=True)
     out.loss.backward(_upstream(out.loss, grad_out))
-    return out, logits.grad
+    return out, logits.grad, grad_logps
 
 
 def float64_reference(grad: bool = True, grad_out=None, **kwargs):
@@ -269,42 +291,101 @@ SLACK = {
 }
 
 
-def compare_outputs(fused_out, naive_out, exact_out, *, dtype, fields=None, check_stats=True) -> None:
+def _amax(t: torch.Tensor) -> float:
+    return float(t.detach().double().abs().nan_to_num(0.0).max()) if t.numel() else 0.0
+
+
+def output_scales(exact_out, *, beta=None, loss_type=None) -> dict:
+    """How large the rounding error of each ``LossOutput`` field can legitimately be, as a
+    magnitude to multiply ``SLACK``'s atol by (its condition, not just its size).
+
+    The log-probs are fp32 sums of ``T`` token terms, so their rounding scales with
+    ``L = max|π| + max|ρ|``; rewards and the sigmoid-family loss see it times ``β``
+    (``|∂ℓ/∂h| ≤ β``), IPO times ``2|h − 1/(2β)|``. Without ``beta`` every field is
+    scaled by its own magnitude only.
+    """
+    size = {f: max(1.0, _amax(getattr(exact_out, f))) for f in exact_out._fields}
+    if beta is None:
+        return size
+    logps = _amax(exact_out.policy_logps) + _amax(exact_out.ref_logps)
+    rewards = beta * logps
+    if loss_type == "ipo":
+        h = (exact_out.chosen_rewards - exact_out.rejected_rewards) / beta
+        loss = 2.0 * _amax(h - 1.0 / (2.0 * beta)) * logps
+    else:
+        loss = beta * logps
+    scales = dict(size)
+    for field, extra in (("chosen_rewards", rewards), ("rejected_rewards", rewards), ("loss", loss)):
+        scales[field] = max(size[field], extra)
+    scales["category_stats"] = max(size["category_stats"], loss, rewards)
+    return scales
+
+
+def compare_outputs(fused_out, naive_out, exact_out, *, dtype, fields=None, check_stats=True, beta=None,
+                    loss_type=None) -> None:  # fmt: skip
     """Apply the no-worse criterion to every field of two ``LossOutput``s.
 
     ``category_stats`` columns are compared too; the integer-valued columns
     (count, margin_ok, reward_acc) must match the naive path exactly unless the
-    float64 values sit on a decision boundary.
+    float64 values sit on a decision boundary. Pass ``beta`` (and ``loss_type``)
+    to scale the tolerance of the loss and rewards by their conditioning
+    (see ``output_scales``); without it, by their magnitude.
     """
     atol, rtol = SLACK[dtype]
+    scales = output_scales(exact_out, beta=beta, loss_type=loss_type)
     names = fields or ("loss", "policy_logps", "ref_logps", "chosen_rewards", "rejected_rewards")
     for field in names:
         f, n, e = getattr(fused_out, field), getattr(naive_out, field), getattr(exact_out, field)
-        scale = max(1.0, float(e.detach().double().abs().nan_to_num(0.0).max())) if e.numel() else 1.0
-        assert_no_worse_than_naive(f.detach(), n.detach().to(f.dtype), e, atol=atol * scale, rtol=rtol, name=field)
+        assert_no_worse_than_naive(f.detach(), n.detach().to(f.dtype), e, atol=atol * scales[field], rtol=rtol, name=field)
     if check_stats:
         f, n, e = fused_out.category_stats, naive_out.category_stats, exact_out.category_stats
         assert f.dtype == torch.float32, f"category_stats must be fp32, got {f.dtype}"
         assert f.shape == e.shape, f"category_stats shape {tuple(f.shape)} != {tuple(e.shape)}"
-        scale = max(1.0, float(e.double().abs().max()))
-        assert_no_worse_than_naive(f, n, e, atol=2e-6 * scale, rtol=rtol, name="category_stats")
+        assert_no_worse_than_naive(f, n, e, atol=2e-6 * scales["category_stats"], rtol=rtol, name="category_stats")
+
+
+def _eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the dtype the log-probs are accumulated in."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def loss_grad_condition(exact_out, *, dtype, beta, loss_type) -> float:
+    """Relative error of the per-sequence scalar ``g_seq = ∂ℓ/∂π`` that rounding of ``h``
+    alone causes: ``δh ≈ eps·L`` with ``L = max|π| + max|ρ|``, and ``δg/g ≈ β·δh`` for the
+    sigmoid family, ``δh / |h − 1/(2β)|`` for IPO."""
+    logps = _amax(exact_out.policy_logps) + _amax(exact_out.ref_logps)
+    dh = 4.0 * _eps(dtype) * max(logps, 1.0)
+    if loss_type == "ipo":
+        h = (exact_out.chosen_rewards - exact_out.rejected_rewards).double() / beta
+        gap = float((h - 1.0 / (2.0 * beta)).abs().min()) if h.numel() else 1.0
+        return dh / max(gap, 1e-12)
+    return beta * dh
 
 
 def assert_backend_matches_reference(batch: dict, *, backend: str, grad_out=None, check_stats: bool = True, **opts):
     """Run ``backend`` and the naive reference in the batch's dtype, and the float64
-    reference; apply the no-worse criterion to every output and to the logits gradient.
+    reference; apply the no-worse criterion to every output and to two logits gradients:
+    the loss's (tolerance widened by ``loss_grad_condition``) and that of a fixed linear
+    function of ``policy_logps`` (the sequence stage alone, strict tolerance).
 
     Returns ``(fused LossOutput, fused logits gradient, float64 LossOutput, float64 gradient)``.
     """
     dtype = batch["policy_logits"].dtype
-    exact, g_exact = float64_reference(**batch, grad_out=grad_out, **opts)
-    naive, g_naive = run_loss(batch, backend="reference", grad_out=grad_out, **opts)
-    fused, g_fused = run_loss(batch, backend=backend, grad_out=grad_out, **opts)
+    beta, loss_type = opts.get("beta", 0.1), opts.get("loss_type", "catdpo")
+    kw = dict(grad_out=grad_out, **opts)
+    exact, g_exact, s_exact = run_loss_and_logps_grad(batch, backend="reference", upcast=True, **kw)
+    naive, g_naive, s_naive = run_loss_and_logps_grad(batch, backend="reference", **kw)
+    fused, g_fused, s_fused = run_loss_and_logps_grad(batch, backend=backend, **kw)
     assert fused.loss.shape == exact.loss.shape, f"loss shape {tuple(fused.loss.shape)} != {tuple(exact.loss.shape)}"
-    compare_outputs(fused, naive, exact, dtype=dtype, check_stats=check_stats)
+    compare_outputs(fused, naive, exact, dtype=dtype, check_stats=check_stats, beta=beta, loss_type=loss_type)
     assert g_fused.dtype == dtype, f"logits gradient is {g_fused.dtype}, logits are {dtype}"
     assert g_fused.shape == batch["policy_logits"].shape
     atol, rtol = SLACK[dtype]
-    scale = max(float(g_exact.abs().nan_to_num(0.0).max()), 1e-30) if g_exact.numel() else 1.0
-    assert_no_worse_than_naive(g_fused, g_naive, g_exact, atol=atol * scale, rtol=rtol, name="logits gradient")
+    cond = loss_grad_condition(exact, dtype=dtype, beta=beta, loss_type=loss_type)
+    scale = max(_amax(g_exact), 1e-30)
+    assert_no_worse_than_naive(g_fused, g_naive, g_exact, atol=max(atol, cond) * scale, rtol=rtol,
+                               name="logits gradient of the loss")  # fmt: skip
+    scale = max(_amax(s_exact), 1e-30)
+    assert_no_worse_than_naive(s_fused, s_naive, s_exact, atol=atol * scale, rtol=rtol,
+                               name="logits gradient of u·policy_logps")  # fmt: skip
     return fused, g_fused, exact, g_exact

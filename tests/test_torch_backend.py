@@ -282,3 +282,16 @@ def test_checks_off_out_of_range_category_gives_nan(bad_cat):
         assert torch.isnan(out.loss), reduction
     dpo, _ = run_loss(batch, backend="torch", check_inputs=False, reduction="category_mean", loss_type="dpo", **OPTS)
     assert torch.isnan(dpo.loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 60.0])
+def test_large_logits_keep_the_naive_accuracy(offset, dtype):
+    """LLM-sized logits (spread ~20, |max| up to ~100): one rounded fp32 ``max + log-sum``
+    would cost up to half an ulp of |max| in every token log-prob and softmax entry, and
+    the target entry g·(1 − p) of the gradient would carry it tenfold versus log_softmax."""
+    batch = make_batch(3, 7, 129, 3, dtype, seed=67, scale=20.0)
+    for key in ("policy_logits", "ref_logits"):
+        batch[key] = batch[key] + offset
+    check(batch, beta=1.0)
+    check(batch, beta=1.0, shift_labels=True, average_log_prob=True, reduction="none")
