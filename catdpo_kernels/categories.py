@@ -1,7 +1,10 @@
 """Harm-category vocabularies of known data sets."""
 
 # The 19 harm categories of PKU-SafeRLHF, in the key order of its
-# ``response_{0,1}_harm_category`` dicts.
+# ``response_{0,1}_harm_category`` dicts. Checked against the published data:
+# the PKU-SafeRLHF-QA card numbers the categories 0-18 in this order, and the
+# ``harm_category`` dicts of its rows (the same per-response labels) list their
+# keys in it.
 PKU_SAFERLHF_CATEGORIES = (
     "Endangering National Security",
     "Insulting Behavior",
