@@ -162,24 +162,41 @@ def check_unsafe(unsafe, *, rows: int, device) -> None:
 
 
 def check_values(*, labels, ignore_index, vocab, categories, num_categories, unsafe, margins) -> None:
-    """The content checks (host sync on CUDA): ranges, flags, finiteness."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        first = bad.nonzero()[0].tolist()
+    """The content checks: ranges, flags, finiteness.
+
+    All of them are reduced to one flag first, so a valid batch costs a single host
+    sync on CUDA (and a single graph break under ``torch.compile``); the detailed
+    message is only worked out on the failure path.
+    """
+    bad_labels = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    flags = [bad_labels.any()]
+    bad_cats = None
+    if categories is not None and categories.dim() == 1:
+        bad_cats = (categories < -1) | (categories >= num_categories)
+        flags.append(bad_cats.any())
+    bad_unsafe = None
+    if unsafe is not None and unsafe.dtype != torch.bool:
+        u = unsafe.to(torch.float64)
+        bad_unsafe = (u != 0) & (u != 1)  # NaN counts as bad too
+        flags.append(bad_unsafe.any())
+    if margins is not None:
+        flags.append(~torch.isfinite(margins).all())
+    if not bool(torch.stack(flags).any()):
+        return
+    if bool(bad_labels.any()):
+        first = bad_labels.nonzero()[0].tolist()
         raise ValueError(
             f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
             f"labels{tuple(first)} = {int(labels[tuple(first)])}"
         )
-    if categories is not None and categories.dim() == 1:
-        bad = (categories < -1) | (categories >= num_categories)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"categories must be in [-1, C={num_categories}) (-1 = no category); categories[{i}] = {int(categories[i])}"
-            )
-    if unsafe is not None:
-        flags = unsafe.to(torch.float64) if unsafe.dtype != torch.bool else None
-        if flags is not None and bool(((flags != 0) & (flags != 1)).any()):
-            raise ValueError("unsafe must hold 0/1 flags per response row (chosen rows first)")
-    if margins is not None and not bool(torch.isfinite(margins).all()):
-        raise ValueError("margins must be finite")
+    if bad_cats is not None and bool(bad_cats.any()):
+        i = int(bad_cats.nonzero()[0, 0])
+        raise ValueError(
+            f"categories must be in [-1, C={num_categories}) (-1 = no category); categories[{i}] = {int(categories[i])}"
+        )
+    if bad_unsafe is not None and bool(bad_unsafe.any()):
+        i = int(bad_unsafe.nonzero()[0, 0])
+        raise ValueError(
+            f"unsafe must hold 0/1 flags per response row (chosen rows first); unsafe[{i}] = {unsafe[i].item()}"
+        )
+    raise ValueError("margins must be finite")
