@@ -27,8 +27,10 @@ def _score_token(
 ):
     """One token: online fp32 log-sum-exp over vocab blocks, and the label's logit.
 
-    Returns ``(lse, target logit)``; both 0 for a token that is not counted,
-    whose logits are then never read.
+    Returns ``(max, log-sum, target logit)`` with ``lse = max + log-sum``; all 0
+    for a token that is not counted, whose logits are then never read. ``max``
+    and ``log-sum`` stay apart: one rounded fp32 ``lse`` would cost half an ulp
+    of ``|max|`` in every log-prob, where ``log_softmax`` loses nothing.
     """
     base = logits_ptr + row * stride_r + t * stride_t
     cols = tl.arange(0, BLOCK_V)
@@ -44,10 +46,11 @@ def _score_token(
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
         m = m_new
-    lse = tl.where(is_counted, m + tl.log(tl.where(is_counted, s, 1.0)), 0.0)
+    m = tl.where(is_counted, m, 0.0)
+    logsum = tl.where(is_counted, tl.log(tl.where(is_counted, s, 1.0)), 0.0)
     in_range = is_counted & (label >= 0) & (label < V)
     target = tl.load(base + tl.where(in_range, label, 0), mask=in_range, other=0.0).to(tl.float32)
-    return lse, target
+    return m, logsum, target
 
 
 @triton.jit
@@ -73,7 +76,8 @@ def token_logps_kernel(
     """Grid ``(2B·T', 1 or 2)``: one program per token; axis 1 picks policy or reference.
 
     Writes ``token_logp[side, row, t]`` (0 for ignored tokens, NaN for labels
-    outside ``[0, V)``) and, for the policy, the fp32 LSE for the backward.
+    outside ``[0, V)``) and, for the policy, the fp32 ``(max, log-sum)`` of every
+    token into ``lse[0]`` and ``lse[1]`` (each ``(2B, T')``) for the backward.
     """
     tok = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
@@ -83,14 +87,16 @@ def token_logps_kernel(
     is_counted = label != ignore_index
     bad = is_counted & ((label < 0) | (label >= V))
     n_tokens = tl.num_programs(0).to(tl.int64)
-    lse = 0.0
+    m = 0.0
+    logsum = 0.0
     target = 0.0
     if side == 0:
-        lse, target = _score_token(policy_ptr, stride_pr, stride_pt, row, t, label, is_counted, V, BLOCK_V)
-        tl.store(lse_ptr + tok, lse)
+        m, logsum, target = _score_token(policy_ptr, stride_pr, stride_pt, row, t, label, is_counted, V, BLOCK_V)
+        tl.store(lse_ptr + tok, m)
+        tl.store(lse_ptr + n_tokens + tok, logsum)
     elif HAS_REF:
-        lse, target = _score_token(ref_ptr, stride_rr, stride_rt, row, t, label, is_counted, V, BLOCK_V)
-    logp = tl.where(is_counted, target - lse, 0.0)
+        m, logsum, target = _score_token(ref_ptr, stride_rr, stride_rt, row, t, label, is_counted, V, BLOCK_V)
+    logp = tl.where(is_counted, (target - m) - logsum, 0.0)
     logp = tl.where(bad, float("nan"), logp)
     tl.store(token_logp_ptr + side * n_tokens + tok, logp)
 
@@ -170,7 +176,9 @@ def logits_grad_kernel(
     if AVERAGE:
         g = g / tl.maximum(tl.load(counts_ptr + row), 1).to(tl.float32)
     g = tl.where(is_counted, g, 0.0)
-    lse = tl.load(lse_ptr + row * T_eff + t, mask=is_counted, other=0.0)
+    n_tokens = tl.num_programs(0).to(tl.int64) // T * T_eff
+    m = tl.load(lse_ptr + row * T_eff + t, mask=is_counted, other=0.0)
+    logsum = tl.load(lse_ptr + n_tokens + row * T_eff + t, mask=is_counted, other=0.0)
     x_base = logits_ptr + row * stride_xr + t * stride_xt
     g_base = grad_ptr + row * stride_gr + t * stride_gt
     cols = tl.arange(0, BLOCK_V)
@@ -179,7 +187,7 @@ def logits_grad_kernel(
             offs = b * BLOCK_V + cols
             in_vocab = offs < V
             x = tl.load(x_base + offs, mask=in_vocab, other=0.0).to(tl.float32)
-            p = tl.exp(x - lse)
+            p = tl.exp((x - m) - logsum)
             # Target entry in fp32 as g·(1 − p): never a low-precision 1 − p.
             grad = tl.where(offs == label, g * (1.0 - p), -g * p)
             tl.store(g_base + offs, round_to(grad, grad_ptr.dtype.element_ty), mask=in_vocab)

@@ -23,7 +23,7 @@ def _launch_forward(policy, ref, labels, ignore_index, shift, average):
     sides = 1 if ref is None else 2
     dev = policy.device
     token_logp = torch.empty(sides, rows, t_eff, device=dev, dtype=torch.float32)
-    lse = torch.empty(rows, t_eff, device=dev, dtype=torch.float32)
+    lse = torch.empty(2, rows, t_eff, device=dev, dtype=torch.float32)  # (max, log-sum) per token
     other = policy if ref is None else ref
     cfg = vocab_loop_config(vocab, policy.dtype)
     token_logps_kernel[(rows * t_eff, sides)](
@@ -47,7 +47,10 @@ def _launch_forward(policy, ref, labels, ignore_index, shift, average):
 def sequence_logps_fwd(
     policy: Tensor, ref: Tensor | None, labels: Tensor, ignore_index: int, shift: bool, average: bool, inplace: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(policy_logps (2B,), ref_logps (2B,) or (0,), lse (2B, T'), counts (2B,) int32)``."""
+    """Returns ``(policy_logps (2B,), ref_logps (2B,) or (0,), lse (2, 2B, T'), counts (2B,) int32)``.
+
+    ``lse[0]`` is the per-token max and ``lse[1]`` the log-sum of ``exp(x − max)``.
+    """
     logps, lse, counts = _launch_forward(policy, ref, labels, ignore_index, shift, average)
     ref_logps = logps[1].clone() if ref is not None else logps.new_empty(0)
     return logps[0].clone(), ref_logps, lse, counts
@@ -61,7 +64,7 @@ def _(policy, ref, labels, ignore_index, shift, average, inplace):
     return (
         policy.new_empty(rows, **f32),
         ref_logps,
-        policy.new_empty(rows, tokens - int(shift), **f32),
+        policy.new_empty(2, rows, tokens - int(shift), **f32),
         policy.new_empty(rows, dtype=torch.int32),
     )
 
