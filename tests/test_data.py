@@ -321,3 +321,19 @@ def test_pairs_to_dataset():
     ds = D.pairs_to_dataset(_pairs())
     assert ds.column_names == ["prompt", "chosen", "rejected", "category", "unsafe"]
     assert ds[0]["unsafe"] == [0, 1] and len(ds[0]["category"]) == C
+
+
+def test_hub_source_goes_through_load_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [row(), row(better=3)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    with pytest.raises(D.MalformedRowError, match=r"PKU-Alignment/PKU-SafeRLHF\[test\]\[row 1\]"):
+        D.read_pku_saferlhf("PKU-Alignment/PKU-SafeRLHF", split="test", config="alpaca3-8b")
+    assert calls == [("PKU-Alignment/PKU-SafeRLHF", "alpaca3-8b", "test")]
+    with pytest.raises(FileNotFoundError):
+        D.read_pku_saferlhf("./no/such/file.jsonl")
