@@ -1,0 +1,309 @@
+"""``catdpo-bench``: time and measure the Cat-DPO loss backends against the naive loss.
+
+Examples::
+
+    catdpo-bench                                  # device defaults, prints the table
+    catdpo-bench --quick                          # the main shape only, fewer repeats
+    catdpo-bench --shapes 8x512x32000 --dtypes fp32 --json out.json --markdown out.md --plot out.png
+    catdpo-bench --copy-bandwidth --inplace       # GPU: bandwidth as % of a measured copy
+    catdpo-bench --shapes 8x2048x128256 --backends reference,triton \\
+        --triton-config default --triton-config BLOCK_V=4096,num_warps=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+DESCRIPTION = (
+    "Benchmark catdpo_kernels.loss backends (reference = naive eager baseline, compiled = naive under "
+    "torch.compile, torch = chunked, triton = fused; CUDA only) over a sweep of (2B, T, V, dtype): "
+    "fwd / bwd / fwd+bwd time and peak memory above the inputs, with ratios against the naive loss of the same run."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="catdpo-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::", 1)[1],
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available (default)")
+    p.add_argument(
+        "--shapes", action="append", metavar="2BxTxV[,...]",
+        help="cases, e.g. 8x512x32000 (repeatable or comma-separated). Defaults: CPU 8x512x32000,8x512x4000,8x64x32000; "
+        "GPU 8x2048x128256,8x2048x32000,8x512x128256",
+    )  # fmt: skip
+    p.add_argument("--dtypes", action="append", metavar="fp32|bf16|fp16[,...]", help="logits dtypes (default: CPU fp32, GPU bf16)")
+    p.add_argument(
+        "--backends", metavar="LIST",
+        help="comma-separated from reference, compiled, torch, triton (default: CPU reference,torch,compiled; "
+        "GPU reference,triton,compiled,torch). reference is the baseline of every ratio.",
+    )  # fmt: skip
+    p.add_argument("--inplace", action="store_true", help="also run the torch/triton backends with inplace_backward=True")
+    p.add_argument(
+        "--triton-config", action="append", metavar="CFG", dest="triton_configs",
+        help="'default' or e.g. 'BLOCK_V=4096,num_warps=8' (repeatable): one triton row per config, run with "
+        "CATDPO_TRITON_CONFIG set to it (benchmark-only override of the kernel launch config)",
+    )  # fmt: skip
+    p.add_argument("--modes", default="fwd_bwd,fwd,bwd", help="which of fwd_bwd, fwd, bwd to time (default: all)")
+    p.add_argument("--repeats", type=int, default=None, help="CPU: timed runs per mode after warm-up (default 3; --quick 1)")
+    p.add_argument("--warmup-ms", type=float, default=None, help="GPU: do_bench warm-up time (default 25)")
+    p.add_argument("--rep-ms", type=float, default=None, help="GPU: do_bench measuring time per mode (default 200; --quick 50)")
+    p.add_argument("--quick", action="store_true", help="only the first (main) shape unless --shapes, 1 repeat / 50 ms")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement (timing only)")
+    p.add_argument("--copy-bandwidth", action="store_true", help="measure the device copy bandwidth once (for %% of copy)")
+    p.add_argument("--copy-gbps", type=float, default=None, help="use this copy bandwidth (GB/s) instead of measuring it")
+    p.add_argument(
+        "--anchors", default="auto", choices=("auto", "on", "off"),
+        help="Liger-Kernel / Cut Cross-Entropy comparisons from hidden states (auto: on CUDA when one is installed)",
+    )  # fmt: skip
+    p.add_argument("--anchor-hidden", type=int, default=None, help="hidden size D of the anchor group (default: GPU 4096, CPU 256)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON (rewritten after every row)")
+    p.add_argument("--markdown", metavar="PATH", help="write a markdown table (rewritten after every row)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against V and T (matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Interrupted(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+
+    import torch
+
+    from . import cases as C
+    from . import env as E
+    from . import report as R
+    from .runner import Settings, blank_result, run_variant
+    from .targets import annotate
+    from .timing import copy_bandwidth, rotation_sets
+
+    oom_types = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+    # ---------------------------------------------------------- options
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    on_gpu = device.type == "cuda"
+    try:
+        shapes = C.parse_shapes(args.shapes) if args.shapes else None
+        dtypes = C.parse_dtypes(args.dtypes) if args.dtypes else None
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+        configs = [C.validate_triton_config(c) for c in args.triton_configs] if args.triton_configs else None
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in ("fwd_bwd", "fwd", "bwd")]
+        if bad or not modes:
+            raise ValueError(f"--modes takes fwd_bwd, fwd, bwd; got {args.modes!r}")
+        for b in backends or []:
+            if b not in C.KNOWN_BACKENDS:
+                raise ValueError(f"unknown backend {b!r}; use {', '.join(C.KNOWN_BACKENDS)}")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if shapes is None:
+        shapes = C.parse_shapes(C.GPU_DEFAULT_SHAPES if on_gpu else C.CPU_DEFAULT_SHAPES)
+        if args.quick:
+            shapes = shapes[:1]
+    dtypes = dtypes or C.parse_dtypes(C.GPU_DEFAULT_DTYPES if on_gpu else C.CPU_DEFAULT_DTYPES)
+    backends = backends or list(C.GPU_DEFAULT_BACKENDS if on_gpu else C.CPU_DEFAULT_BACKENDS)
+    if configs and "triton" not in backends:
+        backends.append("triton")
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    rep_ms = args.rep_ms if args.rep_ms is not None else (50 if args.quick else 200)
+    warmup_ms = args.warmup_ms if args.warmup_ms is not None else (10 if args.quick else 25)
+    settings = Settings(device=device, repeats=repeats, warmup_ms=warmup_ms, rep_ms=rep_ms, memory=not args.no_memory, modes=modes)
+    variants = C.logits_variants(backends, device=device, inplace=args.inplace, triton_configs=configs)
+
+    from . import anchors as A
+
+    anchor_notes = [f"{label}: {why}" for label, why in A.availability().items() if why]
+    if args.anchors == "on":
+        run_anchors = True
+    elif args.anchors == "off":
+        run_anchors = False
+    else:
+        run_anchors = on_gpu and len(anchor_notes) < len(A.ANCHOR_MODULES)
+    anchor_dim = args.anchor_hidden or (4096 if on_gpu else 256)
+    anchor_variants = A.lm_head_variants(device) if run_anchors else []
+
+    # ---------------------------------------------------------- report skeleton
+    meta = E.collect(device)
+    meta["host"]["loadavg_start"] = _loadavg()
+    timing_text = (
+        f"triton.testing.do_bench (L2 flushed per run), warm-up {warmup_ms} ms, measuring {rep_ms} ms per mode; "
+        "median with 20th/80th percentiles; inputs rotated when one set fits in 4x L2"
+        if on_gpu
+        else f"wall clock, 1 warm-up fwd+bwd per variant, then {repeats} timed runs per mode; median"
+    )
+    report = {
+        "meta": meta,
+        "settings": {
+            "argv": ["catdpo-bench"] + argv_list,
+            "device": device.type,
+            "shapes": [str(s) for s in shapes],
+            "dtypes": [C.dtype_name(d) for d in dtypes],
+            "backends": backends,
+            "variants": [v.label for v in variants] + [v.label for v in anchor_variants],
+            "modes": modes,
+            "repeats": repeats if not on_gpu else None,
+            "warmup_ms": warmup_ms if on_gpu else None,
+            "rep_ms": rep_ms if on_gpu else None,
+            "check_inputs": False,
+            "loss": (
+                f"loss_type=catdpo, beta={C.BETA}, C={C.NUM_CATEGORIES}, reduction=mean, ref logits given, "
+                f"first {int(C.PROMPT_FRACTION * 100)}% of every row a masked prompt"
+            ),
+            "timing": timing_text,
+            "memory": (
+                "off"
+                if args.no_memory
+                else "peak above the allocation at entry, "
+                + ("CUDA allocator counters" if on_gpu else "replay of torch.profiler [memory] events")
+            ),
+            "anchors": {"enabled": run_anchors, "hidden_dim": anchor_dim if run_anchors else None},
+        },
+        "copy_bandwidth": None,
+        "notes": [],
+        "results": [],
+    }
+    notes = report["notes"]
+    if "reference" not in backends:
+        notes.append("no naive baseline (backend=reference) in this run: ratios are n/a")
+    if not on_gpu and "triton" in backends:
+        notes.append("triton rows are skipped on CPU: the TRITON_INTERPRET=1 interpreter is never benchmarked")
+    if anchor_notes and (run_anchors or on_gpu):
+        notes.append("anchors skipped: " + "; ".join(anchor_notes))
+    elif not run_anchors and args.anchors == "auto" and not on_gpu:
+        notes.append("anchors (Liger-Kernel, Cut Cross-Entropy) need CUDA: not run on CPU")
+    if not on_gpu:
+        notes.append(
+            "CPU timings depend on machine load; load average at start "
+            + ", ".join(f"{x:.2f}" for x in meta["host"]["loadavg_start"] or [])
+        )
+
+    def flush(final: bool = False) -> None:
+        annotate(report["results"], device_type=device.type, copy_gbps=(report["copy_bandwidth"] or {}).get("GBps"))
+        if args.json:
+            R.write_json(report, args.json)
+        if args.markdown:
+            R.write_markdown(report, args.markdown)
+        if final and args.plot:
+            note = R.write_plot(report, args.plot)
+            if note:
+                notes.append(f"plot not written: {note}")
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    status = 0
+    from tqdm.auto import tqdm
+
+    total = len(shapes) * len(dtypes) * (len(variants) + len(anchor_variants))
+    progress = tqdm(total=total, desc="catdpo-bench", unit="row", file=sys.stderr, disable=True if args.no_progress else None)
+    try:
+        if args.copy_gbps:
+            report["copy_bandwidth"] = {"GBps": args.copy_gbps, "method": "given with --copy-gbps"}
+        elif args.copy_bandwidth:
+            progress.set_postfix_str("copy bandwidth")
+            report["copy_bandwidth"] = copy_bandwidth(device)
+            _say(progress, f"copy bandwidth: {report['copy_bandwidth']['GBps']:.0f} GB/s")
+        elif on_gpu:
+            notes.append("no --copy-bandwidth: bandwidth is shown in GB/s only, not as % of a copy")
+        done = 0
+
+        def run_group(group_variants, make_inputs, base):
+            nonlocal done
+            try:
+                inputs = make_inputs()
+            except oom_types as exc:
+                inputs = None
+                notes.append(f"{base['case']} [{base['group']}]: inputs do not fit ({type(exc).__name__})")
+            for variant in group_variants:
+                progress.set_postfix_str(f"{base['case']} {variant.label}")
+                if inputs is None:
+                    r = blank_result(variant, base, status="oom", note="inputs do not fit")
+                else:
+                    r = run_variant(variant, inputs, base, settings)
+                report["results"].append(r)
+                done += 1
+                progress.update(1)
+                _say(progress, f"[{done}/{total}] {_line(r)}")
+                flush()
+            del inputs
+            _free(device)
+
+        for shape in shapes:
+            for dtype in dtypes:
+                base = {
+                    "case": f"{shape} {C.dtype_name(dtype)}",
+                    "shape": {"rows": shape.rows, "tokens": shape.tokens, "vocab": shape.vocab},
+                    "shape_str": str(shape), "dtype": C.dtype_name(dtype), "group": "logits",
+                    "_shape": shape, "_dtype": dtype,
+                }  # fmt: skip
+                base["input_sets"] = nsets = rotation_sets(2 * shape.numel * dtype.itemsize, device)
+                run_group(variants, lambda: C.make_logits_inputs(shape, dtype, device, sets=nsets, seed=args.seed), base)
+                if anchor_variants:
+                    abase = dict(base, group="lm_head", input_sets=1, hidden_dim=anchor_dim)
+                    run_group(anchor_variants, lambda: [A.make_hidden_inputs(shape, dtype, device, anchor_dim, seed=args.seed)], abase)
+    except (KeyboardInterrupt, _Interrupted) as exc:
+        notes.append(f"interrupted ({exc or 'KeyboardInterrupt'}): partial results")
+        status = 130
+    finally:
+        progress.close()
+        signal.signal(signal.SIGTERM, previous)
+        meta["host"]["loadavg_end"] = _loadavg()
+        meta["extension"] = E.extension_info()
+        flush(final=True)
+    print(R.format_table(report), flush=True)
+    written = [p for p in (args.json, args.markdown, args.plot) if p]
+    if written:
+        print("\nwrote " + ", ".join(written), flush=True)
+    if status == 0 and any(r["status"] in ("error", "oom") for r in report["results"]):
+        status = 1
+    return status
+
+
+def _say(progress, text: str) -> None:
+    progress.write(text, file=sys.stderr)
+
+
+def _line(r: dict) -> str:
+    head = f"{r['case']}{'' if r['group'] == 'logits' else ' [' + r['group'] + ']'} {r['label']}"
+    if r["status"] != "ok":
+        return f"{head}: {r['status']} ({r.get('note')})"
+    t = r["time_ms"].get("fwd_bwd") or r["time_ms"].get("fwd") or {}
+    rise = (r.get("memory") or {}).get("fwd_bwd_rise_bytes")
+    parts = [f"fwd+bwd {t.get('median_ms', float('nan')):.2f} ms" if t else "no timing"]
+    if rise is not None:
+        parts.append(f"rise {rise / 2**20:.1f} MiB")
+    return f"{head}: " + ", ".join(parts)
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _free(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
