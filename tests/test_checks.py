@@ -102,10 +102,11 @@ def test_labels_out_of_range(batch, bad):
         assert torch.isfinite(call(batch, labels=labels, ignore_index=bad).loss)
 
 
-def test_int32_labels_are_accepted(batch):
-    a = call(batch).loss
-    b = call(batch, labels=batch["labels"].int()).loss
-    assert torch.equal(a, b)
+def test_int32_labels_and_categories_are_accepted(batch):
+    for backend in ("torch", "reference"):
+        a = call(batch, backend=backend)
+        b = call(batch, labels=batch["labels"].int(), categories=batch["categories"].int(), backend=backend)
+        assert torch.equal(a.loss, b.loss) and torch.equal(a.category_stats, b.category_stats)
 
 
 # ------------------------------------------------------------------- reference
