@@ -34,7 +34,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -45,7 +44,6 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .categories import PKU_SAFERLHF_CATEGORIES
 from .constants import LOSS_TYPES, STAT_INDEX
 from .loss import loss as catdpo_loss
 from .margins import CategoryMargins

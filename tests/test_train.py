@@ -16,7 +16,7 @@ from catdpo_kernels import data as D
 from catdpo_kernels.train import TrainConfig, compare, train
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_train_pairs=96, max_eval_pairs=40,
-            batch_size=8, eval_every=0, progress=False, plot=False, quiet=True, max_length=96)  # fmt: skip
+            batch_size=8, eval_every=0, progress=False, plot=False, quiet=True, max_length=96, device="cpu")  # fmt: skip
 
 
 def _records(out_dir, kind="train"):
