@@ -174,11 +174,16 @@ def check_values(*, labels, ignore_index, vocab, categories, num_categories, uns
     if categories is not None and categories.dim() == 1:
         bad_cats = (categories < -1) | (categories >= num_categories)
         flags.append(bad_cats.any())
-    bad_unsafe = None
-    if unsafe is not None and unsafe.dtype != torch.bool:
+    bad_unsafe = swapped = None
+    if unsafe is not None:
         u = unsafe.to(torch.float64)
         bad_unsafe = (u != 0) & (u != 1)  # NaN counts as bad too
         flags.append(bad_unsafe.any())
+        # s = h_l - h_w = -1: an unsafe chosen over a safe rejected response, which
+        # SafeDPO's transform swaps in the data layer; the loss would reward it.
+        half = u.shape[0] // 2
+        swapped = u[:half] > u[half:]
+        flags.append(swapped.any())
     if margins is not None:
         flags.append(~torch.isfinite(margins).all())
     if not bool(torch.stack(flags).any()):
@@ -198,5 +203,11 @@ def check_values(*, labels, ignore_index, vocab, categories, num_categories, uns
         i = int(bad_unsafe.nonzero()[0, 0])
         raise ValueError(
             f"unsafe must hold 0/1 flags per response row (chosen rows first); unsafe[{i}] = {unsafe[i].item()}"
+        )
+    if swapped is not None and bool(swapped.any()):
+        i = int(swapped.nonzero()[0, 0])
+        raise ValueError(
+            f"unsafe marks chosen row {i} unsafe and its rejected row {i + half} safe (s = h_l - h_w = -1); "
+            "apply SafeDPO's swap first (catdpo_kernels.data does) so that s is 0 or 1"
         )
     raise ValueError("margins must be finite")

@@ -173,11 +173,11 @@ def loss(
             ignore_index=ignore_index, average_log_prob=average_log_prob, shift_labels=shift_labels,
             inplace_backward=inplace_backward,
         )  # fmt: skip
-        if ref is None:
-            ref = ref_logps.detach().to(policy.dtype)
+        ref = (ref_logps if ref is None else ref).detach().to(policy.dtype)
         per_pair, values = pair_terms(
-            policy, ref, categories, unsafe, margins, margin=margin, beta=beta, loss_type=loss_type
-        )
+            policy, ref, categories, unsafe, margins,
+            num_categories=num_cats, margin=margin, beta=beta, loss_type=loss_type,
+        )  # fmt: skip
         table = category_table(values, categories, num_cats)
         rewards = (beta * (policy.detach() - ref)).chunk(2)
         return LossOutput(_reduce(per_pair, table, categories, reduction), policy, ref, rewards[0], rewards[1], table)
@@ -186,8 +186,9 @@ def loss(
 class CatDPOLoss(nn.Module):
     """``loss()`` as a module that owns its ``CategoryMargins`` and the stats of the step.
 
-    Call it once per micro-batch; it sums ``category_stats`` until ``update_margins()``,
-    which you call once per optimiser step (it all-reduces across ranks).
+    Call it once per micro-batch; in training mode with grad enabled it sums
+    ``category_stats`` until ``update_margins()``, which you call once per optimiser
+    step (it all-reduces across ranks). Evaluation calls leave the margins alone.
     """
 
     def __init__(
@@ -235,8 +236,11 @@ class CatDPOLoss(nn.Module):
             ref_logits=ref_logits, ref_logps=ref_logps, unsafe=unsafe,
             num_categories=self.num_categories, **self.options,
         )  # fmt: skip
-        stats = out.category_stats.detach()
-        self.pending_stats = stats.clone() if self.pending_stats is None else self.pending_stats + stats
+        # Only training steps feed the margins: evaluation under no_grad (or .eval())
+        # must not move them.
+        if self.training and torch.is_grad_enabled():
+            stats = out.category_stats.detach()
+            self.pending_stats = stats.clone() if self.pending_stats is None else self.pending_stats + stats
         return out
 
     def update_margins(self, *, unsafe_rate=None) -> torch.Tensor | None:

@@ -92,6 +92,13 @@ def pair_safety(categories: torch.Tensor | None, unsafe: torch.Tensor | None, nu
     return has_cat.to(torch.float64)
 
 
+def invalid_categories(categories: torch.Tensor | None, num_categories: int) -> torch.Tensor | None:
+    """Pairs whose category id lies outside ``[-1, C)``: reachable only with ``check_inputs=False``."""
+    if categories is None or categories.dim() == 2:
+        return None
+    return (categories < -1) | (categories >= num_categories)
+
+
 def pair_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -100,8 +107,13 @@ def pair_loss(
     *,
     beta: float,
     loss_type: str,
+    invalid: torch.Tensor | None = None,
 ):
-    """Per-pair loss ``ℓ``, ``h`` and ``z`` (DESIGN.md §1.2), in the log-probs' dtype."""
+    """Per-pair loss ``ℓ``, ``h`` and ``z`` (DESIGN.md §1.2), in the log-probs' dtype.
+
+    ``invalid`` pairs (an out-of-range category id) get a NaN loss whatever the
+    loss type: a bad id must never pass as a plausible number.
+    """
     pw, pl = policy_logps.chunk(2)
     rw, rl = ref_logps.to(policy_logps.dtype).chunk(2)
     h = (pw - rw) - (pl - rl)
@@ -111,6 +123,8 @@ def pair_loss(
     else:
         # dpo has delta == 0, so z == beta * h.
         loss = -F.logsigmoid(z)
+    if invalid is not None:
+        loss = torch.where(invalid, torch.full_like(loss, float("nan")), loss)
     return loss, h, z
 
 
@@ -205,7 +219,8 @@ def catdpo_loss(
     device = policy.device
     delta = pair_margins(loss_type, num_pairs, categories, margins, margin, device, policy.dtype)
     s = pair_safety(categories, unsafe, num_pairs, device)
-    loss, h, z = pair_loss(policy, ref, s, delta, beta=beta, loss_type=loss_type)
+    invalid = invalid_categories(categories, num_categories)
+    loss, h, z = pair_loss(policy, ref, s, delta, beta=beta, loss_type=loss_type, invalid=invalid)
     member = category_membership(categories, num_pairs, num_categories, device)
     stats = category_stats(pair_stat_values(loss, h, z, beta), member)
     rewards = (beta * (policy - ref)).detach()

@@ -200,6 +200,12 @@ def test_unsafe_flags(batch):
     raises(batch, ValueError, "unsafe must hold 0/1", unsafe=u)
     u[1] = float("nan")
     raises(batch, ValueError, "unsafe must hold 0/1", unsafe=u)
+    # s = h_l - h_w = -1 (unsafe chosen over safe rejected) is the SafeDPO swap's job.
+    u = torch.zeros(2 * B, dtype=torch.int64)
+    u[1] = 1
+    raises(batch, ValueError, r"unsafe marks chosen row 1 unsafe.*swap", unsafe=u)
+    u[B + 1] = 1  # both unsafe: s = 0, allowed
+    call(batch, unsafe=u)
     # bool, int and float 0/1 all work.
     for flags in (batch["unsafe"].bool(), batch["unsafe"].int(), batch["unsafe"].double()):
         call(batch, unsafe=flags)

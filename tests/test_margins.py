@@ -353,6 +353,20 @@ def test_module_accumulates_stats_over_micro_batches():
         module.update_margins()
 
 
+def test_module_evaluation_calls_do_not_feed_the_margins():
+    module = CatDPOLoss(3, backend="torch")
+    batch = make_batch(2, 3, 11, 3, seed=5)
+    batch.pop("margins")
+    with torch.no_grad():
+        module(**batch)
+    module.eval()
+    module(**batch)
+    assert module.pending_stats is None
+    module.train()
+    out = module(**batch)
+    assert torch.equal(module.pending_stats, out.category_stats)
+
+
 def test_module_update_with_an_external_rate_only():
     module = CatDPOLoss(2, lr=1.0, target=0.0, init=1.0, backend="torch")
     assert module.update_margins(unsafe_rate=[0.5, float("nan")]).tolist() == [1.5, 1.0]

@@ -141,8 +141,12 @@ def test_unchecked_out_of_range_values_give_nan_not_a_crash():
     assert torch.isnan(out.policy_logps[0]) and torch.isnan(out.loss[0])
     assert torch.isfinite(out.loss[1])
     cats = torch.tensor([5, 0], device=DEVICE)  # C = 3
-    out, _ = run_loss(dict(batch, categories=cats), backend="triton", check_inputs=False, reduction="none")
-    assert torch.isnan(out.loss[0]) and torch.isfinite(out.loss[1])
+    for loss_type in ("catdpo", "dpo", "ipo", "safedpo"):
+        for backend in ("triton", "torch", "reference"):
+            out, _ = run_loss(
+                dict(batch, categories=cats), backend=backend, check_inputs=False, reduction="none", loss_type=loss_type
+            )
+            assert torch.isnan(out.loss[0]) and torch.isfinite(out.loss[1]), (loss_type, backend)
 
 
 def test_minus_inf_logits_are_handled():

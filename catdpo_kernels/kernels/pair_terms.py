@@ -46,10 +46,11 @@ def pair_terms_kernel(
         c = tl.load(cat_ptr + i, mask=live, other=-1).to(tl.int64)
         has_cat = c >= 0
         in_range = has_cat & (c < C)
+        # An id outside [-1, C) (checks off) poisons the pair, whatever the loss
+        # type, instead of reading out of bounds or passing as a plausible number.
+        invalid = (c < -1) | (c >= C)
         if LOSS == 3:
             delta = tl.load(margins_ptr + tl.where(in_range, c, 0), mask=live & in_range, other=0.0).to(tl.float32)
-            # An id outside [-1, C) (checks off) poisons the pair instead of reading out of bounds.
-            delta = tl.where(live & ((c < -1) | (c >= C)), float("nan"), delta)
     elif CAT_MODE == 2:
         best = tl.full([BLOCK_B], -float("inf"), dtype=tl.float32)
         any_set = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -90,6 +91,10 @@ def pair_terms_kernel(
         loss = tl.maximum(-z, 0.0) + tl.log(1.0 + e)
         sig_neg_z = tl.where(z >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # σ(−z)
         dldh = -beta * sig_neg_z
+
+    if CAT_MODE == 1:
+        loss = tl.where(invalid, float("nan"), loss)
+        dldh = tl.where(invalid, float("nan"), dldh)
 
     bh = beta * h
     e_bh = tl.exp(-tl.abs(bh))

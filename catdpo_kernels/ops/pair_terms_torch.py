@@ -19,6 +19,7 @@ def pair_terms_torch(
     unsafe: torch.Tensor | None,
     margins: torch.Tensor | None,
     *,
+    num_categories: int,
     margin: float,
     beta: float,
     loss_type: str,
@@ -28,5 +29,8 @@ def pair_terms_torch(
     device, dtype = policy_logps.device, policy_logps.dtype
     delta = reference.pair_margins(loss_type, num_pairs, categories, margins, margin, device, dtype)
     safety = reference.pair_safety(categories, unsafe, num_pairs, device)
-    loss, h, z = reference.pair_loss(policy_logps, ref_logps, safety, delta, beta=beta, loss_type=loss_type)
+    invalid = reference.invalid_categories(categories, num_categories)
+    loss, h, z = reference.pair_loss(
+        policy_logps, ref_logps, safety, delta, beta=beta, loss_type=loss_type, invalid=invalid
+    )
     return loss, reference.pair_stat_values(loss, h, z, beta)

@@ -19,6 +19,7 @@ def pair_terms_op(
     categories: Tensor | None,
     unsafe: Tensor | None,
     margins: Tensor | None,
+    num_categories: int,
     margin: float,
     beta: float,
     loss_type: str,
@@ -32,8 +33,7 @@ def pair_terms_op(
     if categories is None:
         cat_mode, cat, num_cats, stride_cb = 0, policy_logps, 0, 0
     elif categories.dim() == 1:
-        # C only bounds the margin gather, which needs margins.
-        cat_mode, cat, num_cats, stride_cb = 1, categories, 0 if margins is None else margins.numel(), 0
+        cat_mode, cat, num_cats, stride_cb = 1, categories, num_categories, 0
     else:
         cat_mode, cat, num_cats, stride_cb = 2, categories, categories.shape[1], categories.stride(0)
     unsafe_f = unsafe.to(torch.float32) if unsafe is not None else policy_logps
@@ -49,7 +49,7 @@ def pair_terms_op(
 
 
 @pair_terms_op.register_fake
-def _(policy_logps, ref_logps, categories, unsafe, margins, margin, beta, loss_type):
+def _(policy_logps, ref_logps, categories, unsafe, margins, num_categories, margin, beta, loss_type):
     num_pairs = policy_logps.shape[0] // 2
     loss = policy_logps.new_empty(num_pairs, dtype=torch.float32)
     return loss, policy_logps.new_empty(num_pairs, NUM_STATS, dtype=torch.float32), torch.empty_like(loss)
@@ -63,15 +63,16 @@ def _backward(ctx, grad_loss, _grad_stats, _grad_dldh):
     (dldh,) = ctx.saved_tensors
     g = grad_loss * dldh
     # ∂h/∂π_w = 1, ∂h/∂π_l = −1.
-    return torch.cat([g, -g]), None, None, None, None, None, None, None
+    return torch.cat([g, -g]), None, None, None, None, None, None, None, None
 
 
 pair_terms_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def pair_terms_triton(policy_logps, ref_logps, categories, unsafe, margins, *, margin, beta, loss_type):
+def pair_terms_triton(policy_logps, ref_logps, categories, unsafe, margins, *, num_categories, margin, beta, loss_type):
     """Same contract as ``pair_terms_torch``: ``(loss (B,), stat rows (B, K) fp32)``."""
     loss, stats, _ = pair_terms_op(
-        policy_logps, ref_logps.float().contiguous(), categories, unsafe, margins, float(margin), float(beta), loss_type
-    )
+        policy_logps, ref_logps.float().contiguous(), categories, unsafe, margins, int(num_categories),
+        float(margin), float(beta), loss_type,
+    )  # fmt: skip
     return loss, stats
