@@ -240,12 +240,17 @@ class CategoryMargins:
 
     # ---------------------------------------------------------------- logging
     def log(self, prefix: str = "") -> dict[str, float]:
-        """Flat per-category metrics of the last update, for a logger."""
+        """Flat per-category metrics of the last update, for a logger.
+
+        A category with no pairs yet (and no external rate) logs its rate as NaN,
+        not as a 0 that would read like a perfectly safe category.
+        """
         out: dict[str, float] = {}
-        rate = self.history[-1]["rate"] if self.history else [float("nan")] * self.num_categories
+        last = self.history[-1] if self.history else None
         for i, name in enumerate(self.names):
+            seen = last is not None and (last["count"][i] > 0 or last["active"][i])
             out[f"{prefix}margin/{name}"] = float(self._value[i])
-            out[f"{prefix}unsafe_rate/{name}"] = float(rate[i])
+            out[f"{prefix}unsafe_rate/{name}"] = float(last["rate"][i]) if seen else float("nan")
         return out
 
     # -------------------------------------------------------- state & devices

@@ -202,6 +202,13 @@ def test_names_and_log():
                            "train/unsafe_rate/violence", "train/unsafe_rate/privacy"}  # fmt: skip
     assert logged["train/unsafe_rate/privacy"] == 0.75
     assert logged["train/margin/privacy"] == float(m.value[1])
+    # A category no batch has contained yet logs NaN, not a perfect-looking 0.
+    m.update(table([0, 4], unsafe=[0, 1]))
+    fresh = CategoryMargins(2, ema=0.0)
+    fresh.update(table([0, 4], unsafe=[0, 1]))
+    assert math.isnan(fresh.log()["unsafe_rate/category_0"]) and fresh.log()["unsafe_rate/category_1"] == 0.25
+    fresh.update(unsafe_rate=[0.3, float("nan")])
+    assert fresh.log()["unsafe_rate/category_0"] == pytest.approx(0.3)
     assert CategoryMargins(3).names == ("category_0", "category_1", "category_2")
     pku = CategoryMargins.for_pku_saferlhf(lr=0.1)
     assert len(pku) == 19 and pku.names == PKU_SAFERLHF_CATEGORIES and pku.config["lr"] == 0.1
