@@ -11,7 +11,8 @@ import math
 
 import pytest
 
-from catdpo_kernels.bench import main
+from catdpo_kernels.bench import cases, cli, main
+from catdpo_kernels.bench.summary import main as summary_main
 from catdpo_kernels.bench.targets import annotate
 
 
@@ -28,7 +29,7 @@ def _run(tmp_path, capsys, *extra):
 
 
 def test_cli_smoke_json_ratios_table_markdown_plot(tmp_path, capsys):
-    rc, data, paths, out = _run(tmp_path, capsys)
+    rc, data, paths, out = _run(tmp_path, capsys, "--save-results", str(tmp_path / "saved"))
     assert rc == 0
 
     assert data["schema"] == "catdpo-bench/1"
@@ -76,6 +77,29 @@ def test_cli_smoke_json_ratios_table_markdown_plot(tmp_path, capsys):
     md = paths["markdown"].read_text()
     assert "| case | variant |" in md and "2x8x64 fp32" in md and meta["device_label"] in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --save-results: the same JSON and markdown under device-stamped names.
+    saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert len(saved) == 2 and saved[0].startswith("cpu-") and saved[0].endswith(".json") and saved[1].endswith(".md")
+    assert json.loads((tmp_path / "saved" / saved[0]).read_text())["results"] == data["results"]
+    # The digest gpu_check.sh prints.
+    assert summary_main([str(paths["json"])]) == 0
+    digest = capsys.readouterr().out
+    assert "main case **2x8x64 fp32**" in digest and "| torch |" in digest
+
+
+def test_cli_sigterm_keeps_partial_results(tmp_path, capsys, monkeypatch):
+    real = cases._loss_forward
+
+    def forward(backend, inplace=False):
+        if backend == "torch":
+            raise cli._Interrupted("signal 15")  # what the SIGTERM handler raises, mid-sweep
+        return real(backend, inplace)
+
+    monkeypatch.setattr(cases, "_loss_forward", forward)
+    rc, data, _, out = _run(tmp_path, capsys)
+    assert rc == 130
+    assert [r["label"] for r in data["results"]] == ["reference"] and data["results"][0]["status"] == "ok"
+    assert any("interrupted" in n for n in data["notes"]) and "interrupted" in out
 
 
 def test_cli_rejects_bad_arguments(capsys):

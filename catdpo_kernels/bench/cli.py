@@ -63,13 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (rewritten after every row)")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown table (rewritten after every row)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against V and T (matplotlib)")
+    p.add_argument(
+        "--save-results", nargs="?", const="benchmarks/results", metavar="DIR",
+        help="also write DIR/<device>_<UTC time>.json and .md, named after the device (default DIR: benchmarks/results)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-class _Interrupted(Exception):
-    pass
+class _Interrupted(BaseException):
+    """SIGTERM (e.g. from ``timeout``): like Ctrl-C, stops the sweep but not the output."""
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001
@@ -192,12 +196,19 @@ def main(argv=None) -> int:
             + ", ".join(f"{x:.2f}" for x in meta["host"]["loadavg_start"] or [])
         )
 
+    saved = []
+    if args.save_results:
+        stem = os.path.join(args.save_results, f"{E.device_slug(meta['device'])}_{meta['date_utc'][:19].replace(':', '').replace('-', '')}")
+        saved = [stem + ".json", stem + ".md"]
+
     def flush(final: bool = False) -> None:
         annotate(report["results"], device_type=device.type, copy_gbps=(report["copy_bandwidth"] or {}).get("GBps"))
-        if args.json:
-            R.write_json(report, args.json)
-        if args.markdown:
-            R.write_markdown(report, args.markdown)
+        for path in [args.json] + saved[:1]:
+            if path:
+                R.write_json(report, path)
+        for path in [args.markdown] + saved[1:]:
+            if path:
+                R.write_markdown(report, path)
         if final and args.plot:
             note = R.write_plot(report, args.plot)
             if note:
@@ -205,10 +216,8 @@ def main(argv=None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     status = 0
-    from tqdm.auto import tqdm
-
     total = len(shapes) * len(dtypes) * (len(variants) + len(anchor_variants))
-    progress = tqdm(total=total, desc="catdpo-bench", unit="row", file=sys.stderr, disable=True if args.no_progress else None)
+    progress = _progress(total, disable=args.no_progress)
     try:
         if args.copy_gbps:
             report["copy_bandwidth"] = {"GBps": args.copy_gbps, "method": "given with --copy-gbps"}
@@ -264,12 +273,37 @@ def main(argv=None) -> int:
         meta["extension"] = E.extension_info()
         flush(final=True)
     print(R.format_table(report), flush=True)
-    written = [p for p in (args.json, args.markdown, args.plot) if p]
+    written = [p for p in (args.json, args.markdown, args.plot, *saved) if p]
     if written:
         print("\nwrote " + ", ".join(written), flush=True)
     if status == 0 and any(r["status"] in ("error", "oom") for r in report["results"]):
         status = 1
     return status
+
+
+class _PlainProgress:
+    """Stands in for tqdm when it is not installed (a bare GPU machine): lines only."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def write(self, text, file=None):
+        print(text, file=file or sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, *, disable: bool):
+    """A tqdm bar on a terminal (none when stderr is not a TTY or with --no-progress)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainProgress()
+    return tqdm(total=total, desc="catdpo-bench", unit="row", file=sys.stderr, disable=True if disable else None)
 
 
 def _say(progress, text: str) -> None:

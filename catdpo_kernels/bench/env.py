@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -66,6 +67,15 @@ def device_label(info: dict) -> str:
     if info.get("type") == "cuda":
         return f"{info['name']} (CUDA {info.get('cuda_runtime')}, {info.get('memory_GiB')} GiB)"
     return f"CPU: {info['name']} ({info.get('usable_cpus')} usable cores, {info.get('torch_threads')} torch threads)"
+
+
+def device_slug(info: dict) -> str:
+    """A file-name-safe device name: ``nvidia-h100-80gb-hbm3``, ``cpu-amd-epyc-2cores``."""
+    if info.get("type") == "cuda":
+        text = info["name"]
+    else:
+        text = f"cpu {info['name']} {info.get('usable_cpus')}cores"
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
 def git_commit() -> dict:
