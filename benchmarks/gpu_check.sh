@@ -147,7 +147,7 @@ fi
 
 # ------------------------------------------------------------------ 4. bench
 if [[ $ON_GPU == 1 ]]; then
-    BENCH_ARGS=(--inplace)
+    BENCH_ARGS=(--inplace --rep-ms 100)
     MAIN_SHAPE=8x2048x128256
     MAIN_DTYPE=bf16
 else

@@ -41,7 +41,7 @@ def test_cli_smoke_json_ratios_table_markdown_plot(tmp_path, capsys):
     assert data["settings"]["shapes"] == ["2x8x64"]
 
     rows = {r["label"]: r for r in data["results"]}
-    assert list(rows) == ["reference", "torch", "torch-inplace", "triton", "triton-inplace"]
+    assert list(rows) == ["reference", "torch", "triton", "torch-inplace", "triton-inplace"]
     assert rows["triton"]["status"] == "skipped" and "never benchmarked" in rows["triton"]["note"]
     ref = rows["reference"]
     assert ref["baseline"] is True

@@ -242,8 +242,12 @@ def validate_triton_config(config: str) -> str:
 
 
 def logits_variants(backends, *, device: torch.device, inplace: bool, triton_configs) -> list[Variant]:
-    """The rows for one case, baseline first, in the order given by ``backends``."""
-    out = []
+    """The rows for one case: baseline first, then ``backends`` in order, then the in-place rows.
+
+    The in-place rows overwrite the shared logits with their gradient, so they run
+    last: every other row sees the original random logits.
+    """
+    out, last = [], []
     backends = list(dict.fromkeys(backends))
     if "reference" in backends:
         backends.remove("reference")
@@ -256,7 +260,7 @@ def logits_variants(backends, *, device: torch.device, inplace: bool, triton_con
         elif name == "torch":
             out.append(Variant("torch", "torch", lambda: _loss_forward("torch")))
             if inplace:
-                out.append(Variant("torch-inplace", "torch", lambda: _loss_forward("torch", True), inplace=True))
+                last.append(Variant("torch-inplace", "torch", lambda: _loss_forward("torch", True), inplace=True))
         elif name == "triton":
             for cfg in triton_configs or ["default"]:
                 env = {TRITON_ENV: None if cfg == "default" else cfg}
@@ -267,12 +271,12 @@ def logits_variants(backends, *, device: torch.device, inplace: bool, triton_con
                 cfg = (triton_configs or ["default"])[0]
                 env = {TRITON_ENV: None if cfg == "default" else cfg}
                 label = "triton-inplace" if cfg == "default" else f"triton-inplace[{cfg}]"
-                out.append(
+                last.append(
                     Variant(label, "triton", lambda: _loss_forward("triton", True), inplace=True, triton_config=cfg, env=env)
                 )
         else:
             raise ValueError(f"unknown backend {name!r}; use {', '.join(KNOWN_BACKENDS)}")
-    return out
+    return out + last
 
 
 def skip_reason(variant: Variant, device: torch.device) -> str | None:

@@ -101,6 +101,10 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     on_gpu = device.type == "cuda"
+    if not on_gpu and "torch._inductor.config" not in sys.modules:
+        # torch.compile's worker pool would start (and import torch in) background processes
+        # that compete for the CPU with the timings that follow: compile in this process.
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
         shapes = C.parse_shapes(args.shapes) if args.shapes else None
         dtypes = C.parse_dtypes(args.dtypes) if args.dtypes else None

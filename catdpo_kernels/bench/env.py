@@ -17,6 +17,11 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Environment variables that change what is measured; recorded when set.
+ENV_KEYS = (
+    "CATDPO_TRITON_CONFIG", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_COMPILE_THREADS",
+    "OMP_NUM_THREADS", "CATDPO_NO_JIT", "CATDPO_DISABLE_EXT",
+)  # fmt: skip
 
 
 def _version(dist: str) -> str | None:
@@ -140,5 +145,5 @@ def collect(device: torch.device) -> dict:
         "host": {"platform": platform.platform(), "usable_cpus": usable_cpus()},
         "versions": versions(),
         "git": git_commit(),
-        "env": {k: os.environ[k] for k in ("CATDPO_TRITON_CONFIG", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
     }
