@@ -49,11 +49,12 @@ def kernel_variants():
     for mode, loss, has_unsafe in itertools.product((0, 1, 2), (0, 1, 2, 3), (False, True)):
         sig = dict(
             policy_ptr="*fp32", ref_ptr="*fp32", cat_ptr=cat_types[mode], unsafe_ptr="*fp32", margins_ptr="*fp32",
-            loss_ptr="*fp32", dldh_ptr="*fp32", stats_ptr="*fp32", B="i32", C="i64", stride_cb="i32",
-            beta="fp32", margin="fp32",
-            LOSS="constexpr", CAT_MODE="constexpr", HAS_UNSAFE="constexpr", BLOCK_B="constexpr", BLOCK_C="constexpr",
+            loss_ptr="*fp32", dldh_ptr="*fp32", stats_ptr="*fp32", B="i32", C="i64", beta="fp32", margin="fp32",
+            LOSS="constexpr", CAT_MODE="constexpr", HAS_UNSAFE="constexpr", NUM_STATS="constexpr",
+            BLOCK_B="constexpr", BLOCK_C="constexpr",
         )  # fmt: skip
-        out.append(("pair_terms_kernel", sig, dict(LOSS=loss, CAT_MODE=mode, HAS_UNSAFE=has_unsafe, BLOCK_B=128, BLOCK_C=32)))
+        consts = dict(LOSS=loss, CAT_MODE=mode, HAS_UNSAFE=has_unsafe, NUM_STATS=6, BLOCK_B=128, BLOCK_C=32)
+        out.append(("pair_terms_kernel", sig, consts))
     return out
 
 

@@ -6,7 +6,6 @@ import triton.language as tl
 # loss_type codes (constexpr)
 DPO, IPO, SAFEDPO, CATDPO = 0, 1, 2, 3
 LOSS_CODES = {"dpo": DPO, "ipo": IPO, "safedpo": SAFEDPO, "catdpo": CATDPO}
-NUM_STATS = 6
 
 
 @triton.jit
@@ -21,12 +20,12 @@ def pair_terms_kernel(
     stats_ptr,
     B,
     C,
-    stride_cb,
     beta,
     margin,
     LOSS: tl.constexpr,
     CAT_MODE: tl.constexpr,  # 0: no categories, 1: (B,) ids, 2: (B, C) multi-hot
     HAS_UNSAFE: tl.constexpr,
+    NUM_STATS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -58,7 +57,7 @@ def pair_terms_kernel(
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cols
             m2 = live[:, None] & (cc < C)[None, :]
-            flags = tl.load(cat_ptr + i[:, None].to(tl.int64) * stride_cb + cc[None, :], mask=m2, other=0) != 0
+            flags = tl.load(cat_ptr + i[:, None].to(tl.int64) * C + cc[None, :], mask=m2, other=0) != 0
             any_set = tl.maximum(any_set, tl.max(flags.to(tl.int32), axis=1))
             if LOSS == 3:
                 d = tl.load(margins_ptr + cc, mask=cc < C, other=0.0).to(tl.float32)
@@ -86,9 +85,12 @@ def pair_terms_kernel(
         loss = d_h * d_h
         dldh = 2.0 * d_h
     else:
-        # softplus(−z), stable for either sign of z.
+        # softplus(−z) = max(−z, 0) + log1p(e^{−|z|}); log1p compensated by hand
+        # (accurate where 1 + e rounds, at large |z|) since the interpreter has no log1p.
         e = tl.exp(-tl.abs(z))
-        loss = tl.maximum(-z, 0.0) + tl.log(1.0 + e)
+        u = 1.0 + e
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) - ((u - 1.0) - e) / u)
+        loss = tl.maximum(-z, 0.0) + log1p_e
         sig_neg_z = tl.where(z >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # σ(−z)
         dldh = -beta * sig_neg_z
 
@@ -102,7 +104,7 @@ def pair_terms_kernel(
 
     tl.store(loss_ptr + i, loss, mask=live)
     tl.store(dldh_ptr + i, dldh, mask=live)
-    row = stats_ptr + i.to(tl.int64) * 6
+    row = stats_ptr + i.to(tl.int64) * NUM_STATS
     tl.store(row + 0, tl.where(live, 1.0, 0.0), mask=live)
     tl.store(row + 1, loss, mask=live)
     tl.store(row + 2, unsafe_pref, mask=live)

@@ -30,19 +30,20 @@ def pair_terms_op(
     loss = torch.empty(num_pairs, device=dev, dtype=torch.float32)
     dldh = torch.empty_like(loss)
     stats = torch.empty(num_pairs, NUM_STATS, device=dev, dtype=torch.float32)
+    # The kernel indexes these with unit strides: O(B) copies at most.
     if categories is None:
-        cat_mode, cat, num_cats, stride_cb = 0, policy_logps, 0, 0
+        cat_mode, cat, num_cats = 0, policy_logps, 0
     elif categories.dim() == 1:
-        cat_mode, cat, num_cats, stride_cb = 1, categories, num_categories, 0
+        cat_mode, cat, num_cats = 1, categories.contiguous(), num_categories
     else:
-        cat_mode, cat, num_cats, stride_cb = 2, categories, categories.shape[1], categories.stride(0)
-    unsafe_f = unsafe.to(torch.float32) if unsafe is not None else policy_logps
-    margins_f = margins.to(torch.float32) if margins is not None else policy_logps
+        cat_mode, cat, num_cats = 2, categories.contiguous(), categories.shape[1]
+    unsafe_f = unsafe.to(torch.float32).contiguous() if unsafe is not None else policy_logps
+    margins_f = margins.to(torch.float32).contiguous() if margins is not None else policy_logps
     block_c = min(triton.next_power_of_2(max(num_cats if cat_mode == 2 else 1, 1)), 64)
     pair_terms_kernel[(triton.cdiv(num_pairs, _BLOCK_B),)](
-        policy_logps, ref_logps, cat, unsafe_f, margins_f, loss, dldh, stats,
-        num_pairs, num_cats, stride_cb, float(beta), float(margin),
-        LOSS=LOSS_CODES[loss_type], CAT_MODE=cat_mode, HAS_UNSAFE=unsafe is not None,
+        policy_logps.contiguous(), ref_logps.contiguous(), cat, unsafe_f, margins_f, loss, dldh, stats,
+        num_pairs, num_cats, float(beta), float(margin),
+        LOSS=LOSS_CODES[loss_type], CAT_MODE=cat_mode, HAS_UNSAFE=unsafe is not None, NUM_STATS=NUM_STATS,
         BLOCK_B=_BLOCK_B, BLOCK_C=block_c,
     )  # fmt: skip
     return loss, stats, dldh

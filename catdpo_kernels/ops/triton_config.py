@@ -43,7 +43,7 @@ def _parse_override(text: str) -> dict:
 
 def vocab_loop_config(vocab: int, dtype: torch.dtype) -> VocabLoopConfig:
     # 16 KiB of input per block iteration for any element size, capped by V.
-    per_block = 16384 // torch.tensor([], dtype=dtype).element_size()
+    per_block = 16384 // dtype.itemsize
     block = min(triton.next_power_of_2(vocab), per_block, MAX_BLOCK_V)
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2
     override = os.environ.get(ENV_OVERRIDE)
