@@ -151,6 +151,21 @@ def check_categories(categories, margins, num_categories, *, num_pairs: int, los
     return 0
 
 
+def check_inplace_target(policy_logits: torch.Tensor) -> None:
+    """``inplace_backward`` overwrites the logits with their gradient: refuse buffers
+    where that would corrupt a parameter or race with itself."""
+    base = policy_logits if policy_logits._base is None else policy_logits._base
+    if base.is_leaf and base.requires_grad:
+        raise ValueError(
+            "inplace_backward=True overwrites policy_logits with its gradient; it needs logits that are an "
+            "intermediate result (e.g. the lm_head output), not a leaf tensor that requires grad or a view of one"
+        )
+    if torch._debug_has_internal_overlap(policy_logits) != 0:
+        raise ValueError(
+            "inplace_backward=True needs policy_logits without overlapping memory (e.g. not an expand()ed tensor)"
+        )
+
+
 def check_unsafe(unsafe, *, rows: int, device) -> None:
     if unsafe is None:
         return
@@ -161,7 +176,7 @@ def check_unsafe(unsafe, *, rows: int, device) -> None:
     _require_device("unsafe", unsafe, device)
 
 
-def check_values(*, labels, ignore_index, vocab, categories, num_categories, unsafe, margins) -> None:
+def check_values(*, labels, ignore_index, vocab, categories, num_categories, unsafe, margins, shift_labels=False) -> None:
     """The content checks: ranges, flags, finiteness.
 
     All of them are reduced to one flag first, so a valid batch costs a single host
@@ -169,6 +184,8 @@ def check_values(*, labels, ignore_index, vocab, categories, num_categories, uns
     message is only worked out on the failure path.
     """
     bad_labels = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if shift_labels:
+        bad_labels[:, 0] = False  # never read: logits[:, :-1] are scored against labels[:, 1:]
     flags = [bad_labels.any()]
     bad_cats = None
     if categories is not None and categories.dim() == 1:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import checks, reference
+from .constants import STAT_INDEX
 from .margins import CategoryMargins
 from .ops.category_stats import category_mean_weights, category_table
 from .ops.pair_terms_torch import pair_terms_torch
@@ -76,7 +77,7 @@ def _reduce(per_pair, table, categories, reduction):
         return per_pair.sum()
     if reduction == "mean":
         return per_pair.mean()
-    weights = category_mean_weights(table[:, 0], categories, per_pair.shape[0])
+    weights = category_mean_weights(table[:, STAT_INDEX["count"]], categories, per_pair.shape[0])
     return (weights.to(per_pair.dtype) * per_pair).sum()
 
 
@@ -143,15 +144,13 @@ def loss(
         categories, margins, num_categories, num_pairs=rows // 2, loss_type=loss_type, device=device
     )
     checks.check_unsafe(unsafe, rows=rows, device=device)
-    if inplace_backward and policy_logits.is_leaf and policy_logits.requires_grad:
-        raise ValueError(
-            "inplace_backward=True overwrites policy_logits with its gradient; it needs logits that are an "
-            "intermediate result (e.g. the lm_head output), not a leaf tensor that requires grad"
-        )
+    if inplace_backward:
+        checks.check_inplace_target(policy_logits)
     if check_inputs:
         checks.check_values(
             labels=labels, ignore_index=ignore_index, vocab=vocab, categories=categories,
             num_categories=num_cats, unsafe=unsafe, margins=margins if loss_type == "catdpo" else None,
+            shift_labels=shift_labels,
         )  # fmt: skip
     if categories is not None and categories.dim() == 1:
         categories = categories.long()
@@ -228,6 +227,13 @@ class CatDPOLoss(nn.Module):
             backend=backend, check_inputs=check_inputs, inplace_backward=inplace_backward,
         )  # fmt: skip
         self.pending_stats: torch.Tensor | None = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() move the margins too: loss() then never copies them.
+        super()._apply(fn, *args, **kwargs)
+        if self.margins is not None:
+            self.margins.to(fn(self.margins.value).device)
+        return self
 
     def forward(self, policy_logits, labels, categories=None, *, ref_logits=None, ref_logps=None, unsafe=None) -> LossOutput:
         out = loss(

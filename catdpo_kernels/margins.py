@@ -144,7 +144,11 @@ class CategoryMargins:
             return self._value
         cached = self._device_cache.get(device)
         if cached is None:
-            cached = self._value.to(device)
+            src = self._value
+            if device.type == "cuda" and src.device.type == "cpu":
+                # From pinned memory the copy is asynchronous: no host sync in forward.
+                src = src.pin_memory()
+            cached = src.to(device, non_blocking=True)
             self._device_cache[device] = cached
         return cached
 
@@ -188,7 +192,9 @@ class CategoryMargins:
         ``stats``: the ``(C+1, K)`` ``category_stats`` table (summed over micro-batches;
         summed over ranks here when distributed). ``unsafe_rate``: an external ``(C,)``
         rate (e.g. from a judge) that replaces ``r_c``; NaN entries leave that category
-        alone. Returns the new margins.
+        alone. With ``unsafe_rate`` alone the ``min_count`` gate does not apply (there are
+        no pair counts; the judge's sample is its own); with both, it does. Returns the
+        new margins.
         """
         if stats is None and unsafe_rate is None:
             raise ValueError("update() needs stats (the (C+1, K) table) or unsafe_rate=(C,)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .constants import NUM_STATS
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -248,6 +248,16 @@ def test_inplace_backward_on_a_leaf_that_requires_grad(batch):
            inplace_backward=True)  # fmt: skip
 
 
+def test_inplace_backward_refuses_views_of_leaves_and_overlapping_memory(batch):
+    param = batch["policy_logits"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward.*view of one"):
+        call(batch, policy_logits=param[:, :, :V], inplace_backward=True)
+    one_row = batch["policy_logits"][:1].clone().requires_grad_()
+    expanded = (one_row * 1).expand(2 * B, T, V)
+    with pytest.raises(ValueError, match="inplace_backward.*overlapping"):
+        call(batch, policy_logits=expanded, inplace_backward=True)
+
+
 def test_triton_on_cpu_without_the_interpreter_is_refused():
     """Run in a fresh interpreter: conftest.py sets TRITON_INTERPRET=1 for this process."""
     code = textwrap.dedent(

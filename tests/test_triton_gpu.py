@@ -33,6 +33,22 @@ def test_forward_and_backward_never_sync_with_the_host(reduction, multi_hot):
     assert torch.isfinite(out.loss)
 
 
+def test_module_moves_its_margins_and_updates_without_syncing_forward():
+    module = catdpo_kernels.CatDPOLoss(5, backend="triton", check_inputs=False).cuda()
+    assert module.margins.value.device.type == "cuda"
+    batch = make_batch(2, 16, 300, 5, torch.bfloat16, device="cuda", seed=2)
+    batch.pop("margins")
+    logits = batch.pop("policy_logits").clone().requires_grad_()
+    module(logits, **batch).loss.backward()
+    module.update_margins()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(logits, **batch).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _large_inputs(seed=0):
     rows, tokens, vocab, num_cats = 8, 2048, 128256, 19
     gen = torch.Generator(device="cuda").manual_seed(seed)

@@ -13,10 +13,10 @@ of computing the Cat-DPO loss on it (a row of the table):
 
 Every timed call uses ``check_inputs=False``: the value checks read tensor
 contents, which on CUDA is a host sync, and training loops turn them off too.
-The logits handed to ``loss()`` are a view of a leaf tensor, so they are not a
-leaf themselves (as an ``lm_head`` output would not be) and
+The logits handed to ``loss()`` are an intermediate that shares the leaf's
+buffer (as an ``lm_head`` output is not a leaf either), so
 ``inplace_backward=True`` is allowed; the gradient is taken with
-``torch.autograd.grad`` with respect to that view, so nothing accumulates.
+``torch.autograd.grad`` with respect to that intermediate, so nothing accumulates.
 """
 
 from __future__ import annotations
@@ -187,11 +187,28 @@ class Variant:
             self.replay_backward = False
 
 
+class _Intermediate(torch.autograd.Function):
+    """The leaf's buffer as a non-leaf, non-view tensor: stands in for an lm_head output
+    (no allocation, and ``inplace_backward`` may overwrite it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def as_intermediate(leaf: torch.Tensor) -> torch.Tensor:
+    return _Intermediate.apply(leaf)
+
+
 def _loss_forward(backend: str, inplace: bool = False) -> ForwardFn:
     import catdpo_kernels
 
     def forward(inp: LogitsInputs):
-        logits = inp.policy.view_as(inp.policy)  # non-leaf, like an lm_head output
+        logits = as_intermediate(inp.policy)
         out = catdpo_kernels.loss(
             logits, inp.labels, inp.categories, inp.margins, ref_logits=inp.ref,
             backend=backend, inplace_backward=inplace, **LOSS_OPTIONS,
@@ -217,7 +234,7 @@ def _compiled_forward() -> ForwardFn:
     fn = _COMPILED["fn"]
 
     def forward(inp: LogitsInputs):
-        logits = inp.policy.view_as(inp.policy)
+        logits = as_intermediate(inp.policy)
         return fn(logits, inp.ref, inp.labels, inp.categories, inp.margins), [logits]
 
     return forward
