@@ -160,6 +160,21 @@ def test_catdpo_trainer_two_steps(tmp_path):
     assert batch["category"].shape == (3, 19) and batch["unsafe"].shape == (6,)
     assert batch["input_ids"].shape[0] == 6
 
+    # The reference is a copy of the policy, so h = 0 for every pair: also with
+    # average_log_prob, where TRL's summed reference log-probs must be averaged too.
+    from catdpo_kernels import STAT_COLUMNS
+
+    trainer.average_log_prob = True
+    with torch.no_grad():
+        trainer.model.eval()
+        trainer.compute_loss(trainer.model, batch)
+        trainer.model.train()
+    stats, trainer._eval_stats = trainer._eval_stats, None
+    reward_margin = stats[:, STAT_COLUMNS.index("reward_margin_sum")]
+    assert reward_margin.abs().max() < 1e-3, reward_margin  # rounding only; a sum-vs-mean mix-up is O(1)
+    trainer.average_log_prob = False
+    trainer._metrics["eval"].clear()
+
     init = trainer.margins.value.clone()
     trainer.train()
     assert trainer.margins.step == 2, "one margin update per optimiser step (4 micro-batches, 2 steps)"

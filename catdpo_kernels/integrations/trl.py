@@ -160,6 +160,10 @@ class CatDPOTrainer(DPOTrainer):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         logits = outputs.logits
         ref_logps = self._reference_logps(model, inputs).to(logits.device)
+        if self.average_log_prob:
+            # TRL's reference log-probs (live or precomputed) are sums over the
+            # completion; the policy side is averaged, so average the reference too.
+            ref_logps = ref_logps / completion_mask[:, 1:].sum(-1).clamp(min=1).to(ref_logps.dtype)
         categories = inputs.get("category")
         if categories is None:
             raise KeyError(
