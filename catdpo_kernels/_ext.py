@@ -39,7 +39,7 @@ ENV_JIT_VERBOSE = "CATDPO_JIT_VERBOSE"
 CPU_SOURCES = ("segment_reduce.cpp", "module.cpp")
 CUDA_SOURCES = ("segment_reduce_cuda.cu",)
 # Ampere and Hopper, the lent GPU machines; used only when no GPU is visible at build time.
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 CUDA_DEFINE = "-DCATDPO_WITH_CUDA"
 
 _log = logging.getLogger(__name__)
