@@ -18,6 +18,9 @@ What changes relative to ``trl.DPOTrainer``:
 * the trainer owns a :class:`~catdpo_kernels.CategoryMargins`: the category stats
   of every training micro-batch are summed and fed to ``margins.update`` once per
   optimiser step (``on_step_end``), which all-reduces them across ranks;
+* the value checks of ``catdpo_kernels.loss`` (a host sync) run on the first batch
+  only; a later out-of-range label or category shows as a NaN loss, which
+  ``margins.update`` then refuses ("stats must be finite");
 * per-category metrics (``catdpo/margin/<name>``, ``catdpo/unsafe_rate/<name>``,
   and ``eval_catdpo/unsafe_rate/<name>`` after an evaluation) go to the logs; the
   margins are saved with every checkpoint (``catdpo_margins.pt``) and restored
