@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine (torch + triton preinstalled as python3, no network):
+# One command for a GPU machine (torch + triton preinstalled as python3, no network):
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT
 #
@@ -9,7 +9,7 @@
 #   1. install   pip install -e . without network or deps; builds the C++/CUDA extension.
 #                On failure: a note, CATDPO_NO_JIT=1 for the rest (no JIT build eats the budget).
 #   2. gpu tests python3 -m pytest -m gpu tests      -> tests.log
-#   3. triton    python3 -m pytest tests/test_triton_backend.py (on CUDA when present) -> tests.log
+#   3. triton    python3 -m pytest tests/test_correctness.py -k triton (on CUDA when present) -> tests.log
 #   4. bench     catdpo-bench with the GPU defaults, --copy-bandwidth (measured once), --inplace
 #                -> <device>_<UTC time>.json and .md (--save-results: the names benchmarks/results/ uses),
 #                   bench.png; rewritten after every row, so a timeout keeps what was measured
@@ -142,7 +142,7 @@ else
     run_stage "gpu tests" "$(stage_time 80 230)" "$TESTS_LOG" \
         "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
     run_stage "triton backend tests" "$(stage_time 70 190)" "$TESTS_LOG" \
-        "$PY" -m pytest tests/test_triton_backend.py -q -p no:cacheprovider
+        "$PY" -m pytest tests/test_correctness.py -k triton -q -p no:cacheprovider
 fi
 
 # ------------------------------------------------------------------ 4. bench

@@ -38,7 +38,7 @@ ENV_JIT_VERBOSE = "CATDPO_JIT_VERBOSE"
 
 CPU_SOURCES = ("segment_reduce.cpp", "module.cpp")
 CUDA_SOURCES = ("segment_reduce_cuda.cu",)
-# Ampere and Hopper, the lent GPU machines; used only when no GPU is visible at build time.
+# Ampere and Hopper (+PTX, which newer GPUs JIT-compile); used only when no GPU is visible at build time.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 CUDA_DEFINE = "-DCATDPO_WITH_CUDA"
 
@@ -66,7 +66,7 @@ def source_dir() -> Path | None:
 
 
 def configure_cuda_env(gpu_visible: bool) -> None:
-    """Machine defaults (DESIGN.md §4); must run before ``torch.utils.cpp_extension`` is imported.
+    """Build defaults (docs/design.md, "Testing"); must run before ``torch.utils.cpp_extension`` is imported.
 
     Without ``CUDA_HOME`` torch derives it from ``which nvcc``; with nvcc linked into
     ``/usr/local/bin`` that yields ``/usr/local`` and the link fails on ``-lcudart``.
@@ -142,8 +142,10 @@ def _jit_build() -> ModuleType:
     with_cuda = gpu and cuda_toolkit_home(cpp_extension) is not None
     sources = [str(src / f) for f in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     flags = compile_args(with_cuda)
-    _log.info("catdpo_kernels: JIT-building the extension (%s); the first build takes about a minute",
-              "CPU+CUDA" if with_cuda else "CPU")
+    _log.info(
+        "catdpo_kernels: JIT-building the extension (%s); the first build takes about a minute",
+        "CPU+CUDA" if with_cuda else "CPU",
+    )
     return cpp_extension.load(
         name=_jit_name(with_cuda),
         sources=sources,
@@ -197,10 +199,6 @@ def load_extension() -> ModuleType | None:
     with _lock:
         if not _loaded:
             module, source = _load()
-            if module is not None:
-                from .ops.segment_reduce import register_autograd
-
-                register_autograd()
             _module, _source, _loaded = module, source, True
             # Filled now so that compiled_kernel_loaded() is a plain dict read under torch.compile.
             for device_type in ("cpu", "cuda", "meta"):

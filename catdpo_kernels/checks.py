@@ -8,12 +8,12 @@ host sync; they run only with ``check_inputs=True``.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-from .constants import BACKENDS, LOSS_TYPES, REDUCTIONS
+from .categories import CategoryAssignment
+from .loss_types import LossType
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,24 +44,9 @@ def _require_shape(name: str, t: torch.Tensor, shape: tuple, what: str) -> None:
         raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def check_options(*, beta, loss_type, reduction, backend, margin, ignore_index) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta}")
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite float, got {margin!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-
-def check_logits(policy_logits, labels, ref_logits, ref_logps, *, shift_labels: bool, fused: bool) -> tuple[int, int, int]:
+def check_logits(
+    policy_logits, labels, ref_logits, ref_logps, *, shift_labels: bool, fused: bool
+) -> tuple[int, int, int]:
     """Returns ``(2B, T, V)``."""
     _require_tensor("policy_logits", policy_logits)
     if policy_logits.dim() != 3:
@@ -75,7 +60,9 @@ def check_logits(policy_logits, labels, ref_logits, ref_logps, *, shift_labels: 
     if tokens == 0 or vocab == 0:
         raise ValueError(f"policy_logits must have T >= 1 and V >= 1, got shape {tuple(policy_logits.shape)}")
     if shift_labels and tokens < 2:
-        raise ValueError(f"shift_labels=True needs T >= 2 (it reads logits[:, :-1] against labels[:, 1:]), got T={tokens}")
+        raise ValueError(
+            f"shift_labels=True needs T >= 2 (it reads logits[:, :-1] against labels[:, 1:]), got T={tokens}"
+        )
     if fused and policy_logits.stride(-1) != 1:
         raise ValueError(
             f"policy_logits must have a contiguous vocab dim (stride(-1) == 1), got strides {policy_logits.stride()}; "
@@ -105,22 +92,27 @@ def check_logits(policy_logits, labels, ref_logits, ref_logps, *, shift_labels: 
     return rows, tokens, vocab
 
 
-def check_categories(categories, margins, num_categories, *, num_pairs: int, loss_type: str, device) -> int:
-    """Validates shapes and returns ``C``, the number of categories."""
+def check_categories(categories, margins, num_categories, *, num_pairs: int, spec: LossType, device) -> int:
+    """Validates shapes and the margin rule; returns ``C``, the number of categories."""
     if margins is not None:
+        if spec.margin != "per_category":
+            hint = "pass the scalar margin= instead" if spec.margin == "scalar" else "it takes no margin"
+            raise ValueError(
+                f"margins (per-category Δ_c) is read only by loss_type='catdpo'; loss_type={spec.name!r} would "
+                f"ignore it ({hint}). To size the stats table without margins, pass num_categories=C"
+            )
         _require_tensor("margins", margins)
         _require_float("margins", margins)
         if margins.dim() != 1:
             raise ValueError(f"margins must be 1-D (C,), got shape {tuple(margins.shape)}")
         _require_device("margins", margins, device)
-    if loss_type == "catdpo" and margins is None:
-        raise ValueError("loss_type='catdpo' needs margins: a (C,) tensor or a CategoryMargins")
+    if spec.margin == "per_category" and margins is None:
+        raise ValueError(f"loss_type={spec.name!r} needs margins: a (C,) tensor or a CategoryMargins")
     if num_categories is not None:
         if isinstance(num_categories, bool) or not isinstance(num_categories, numbers.Integral) or num_categories < 0:
             raise ValueError(f"num_categories must be an int >= 0, got {num_categories!r}")
     candidates = {}
     if margins is not None:
-        # dpo/ipo/safedpo ignore the margin values, but their length is still C.
         candidates["margins"] = margins.shape[0]
     if num_categories is not None:
         candidates["num_categories"] = int(num_categories)
@@ -132,12 +124,18 @@ def check_categories(categories, margins, num_categories, *, num_pairs: int, los
             _require_shape("categories", categories, (num_pairs,), "(B,)")
         elif categories.dim() == 2:
             if categories.dtype != torch.bool:
-                raise TypeError(f"categories as a (B, C) multi-hot matrix must be bool, got {categories.dtype}; use .bool()")
+                raise TypeError(
+                    f"categories as a (B, C) multi-hot matrix must be bool, got {categories.dtype}; use .bool()"
+                )
             if categories.shape[0] != num_pairs:
-                raise ValueError(f"categories must have shape (B, C) with B = {num_pairs}, got {tuple(categories.shape)}")
+                raise ValueError(
+                    f"categories must have shape (B, C) with B = {num_pairs}, got {tuple(categories.shape)}"
+                )
             candidates["categories"] = categories.shape[1]
         else:
-            raise ValueError(f"categories must be (B,) int64 ids or (B, C) bool multi-hot, got shape {tuple(categories.shape)}")
+            raise ValueError(
+                f"categories must be (B,) int64 ids or (B, C) bool multi-hot, got shape {tuple(categories.shape)}"
+            )
     sizes = set(candidates.values())
     if len(sizes) > 1:
         detail = ", ".join(f"{k} gives C={v}" for k, v in candidates.items())
@@ -146,7 +144,8 @@ def check_categories(categories, margins, num_categories, *, num_pairs: int, los
         return sizes.pop()
     if categories is not None:
         raise ValueError(
-            "categories given as (B,) ids need margins= or num_categories= to fix C, the size of the (C+1, K) stats table"
+            "categories given as (B,) ids need margins= or num_categories= to fix C, "
+            "the size of the (C+1, K) stats table"
         )
     return 0
 
@@ -176,7 +175,18 @@ def check_unsafe(unsafe, *, rows: int, device) -> None:
     _require_device("unsafe", unsafe, device)
 
 
-def check_values(*, labels, ignore_index, vocab, categories, num_categories, unsafe, margins, shift_labels=False) -> None:
+def check_values(
+    *,
+    labels,
+    ignore_index,
+    vocab,
+    assignment: CategoryAssignment,
+    categories,
+    unsafe,
+    margins,
+    shift_labels=False,
+    unread=None,
+) -> None:
     """The content checks: ranges, flags, finiteness.
 
     All of them are reduced to one flag first, so a valid batch costs a single host
@@ -184,12 +194,13 @@ def check_values(*, labels, ignore_index, vocab, categories, num_categories, uns
     message is only worked out on the failure path.
     """
     bad_labels = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if shift_labels:
+    if unread is not None:
+        bad_labels &= ~unread  # positions no token is scored against
+    elif shift_labels:
         bad_labels[:, 0] = False  # never read: logits[:, :-1] are scored against labels[:, 1:]
     flags = [bad_labels.any()]
-    bad_cats = None
-    if categories is not None and categories.dim() == 1:
-        bad_cats = (categories < -1) | (categories >= num_categories)
+    bad_cats = assignment.invalid()
+    if bad_cats is not None:
         flags.append(bad_cats.any())
     bad_unsafe = swapped = None
     if unsafe is not None:
@@ -214,7 +225,8 @@ def check_values(*, labels, ignore_index, vocab, categories, num_categories, uns
     if bad_cats is not None and bool(bad_cats.any()):
         i = int(bad_cats.nonzero()[0, 0])
         raise ValueError(
-            f"categories must be in [-1, C={num_categories}) (-1 = no category); categories[{i}] = {int(categories[i])}"
+            f"categories must be in [-1, C={assignment.num_categories}) (-1 = no category); "
+            f"categories[{i}] = {int(categories[i])}"
         )
     if bad_unsafe is not None and bool(bad_unsafe.any()):
         i = int(bad_unsafe.nonzero()[0, 0])
@@ -228,3 +240,14 @@ def check_values(*, labels, ignore_index, vocab, categories, num_categories, uns
             "apply SafeDPO's swap first (catdpo_kernels.data does) so that s is 0 or 1"
         )
     raise ValueError("margins must be finite")
+
+
+def check_backend_dtypes(backend, **tensors) -> None:
+    """Backends without float64 kernels refuse float64 inputs by name."""
+    if backend.float64_ok:
+        return
+    for name, t in tensors.items():
+        if t is not None and t.dtype == torch.float64:
+            raise TypeError(
+                f"backend={backend.name!r} takes float16, bfloat16 or float32 {name}, got float64; use backend='torch'"
+            )

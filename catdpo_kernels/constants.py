@@ -1,10 +1,12 @@
 """Names shared by every backend: loss types, reductions, backends, stats columns."""
 
-LOSS_TYPES = ("dpo", "ipo", "safedpo", "catdpo")
+from .loss_types import LOSS_TYPE_TABLE
+
+LOSS_TYPES = tuple(LOSS_TYPE_TABLE)
 REDUCTIONS = ("mean", "sum", "none", "category_mean")
 BACKENDS = ("auto", "triton", "torch", "reference")
 
-# Columns of the (C+1, K) per-category statistics table (DESIGN.md §1.3).
+# Columns of the (C+1, K) per-category statistics table; catdpo_kernels.stats reads them by name.
 STAT_COLUMNS = (
     "count",
     "loss_sum",

@@ -1,6 +1,6 @@
 """Preference data in the PKU-SafeRLHF schema: reading, the SafeDPO transform, tokenization.
 
-Three steps, each usable on its own (DESIGN.md §1.1, §2.1):
+Three steps, each usable on its own (docs/design.md, "Data"):
 
 1. :func:`read_pku_saferlhf` reads rows in the PKU-SafeRLHF schema from a local
    JSONL / parquet file, a directory holding ``{split}.jsonl`` / ``{split}.parquet``,
@@ -274,10 +274,11 @@ def read_pku_saferlhf(
         raise MalformedRowError(name, issues)
     if issues:
         warnings.warn(
-            f"skipped {len(issues)} malformed row(s) of {name}: " + "; ".join(str(i) for i in issues[:3])
+            f"skipped {len(issues)} malformed row(s) of {name}: "
+            + "; ".join(str(i) for i in issues[:3])
             + (" ..." if len(issues) > 3 else ""),
             stacklevel=2,
-        )  # fmt: skip
+        )
     return ReadResult(name, rows, issues)
 
 
@@ -349,12 +350,17 @@ class TransformReport:
 
     def as_dict(self) -> dict:
         return {
-            "rows": self.rows, "kept": self.kept, "safe_vs_unsafe": self.safe_vs_unsafe,
-            "both_safe": self.both_safe, "swapped": self.swapped, "dropped_both_unsafe": self.dropped_both_unsafe,
-            "multi_label": self.multi_label, "unsafe_without_category": self.unsafe_without_category,
+            "rows": self.rows,
+            "kept": self.kept,
+            "safe_vs_unsafe": self.safe_vs_unsafe,
+            "both_safe": self.both_safe,
+            "swapped": self.swapped,
+            "dropped_both_unsafe": self.dropped_both_unsafe,
+            "multi_label": self.multi_label,
+            "unsafe_without_category": self.unsafe_without_category,
             "category_counts": dict(zip(self.category_names, self.category_counts)),
             "skipped_malformed": [str(i) for i in self.skipped_malformed],
-        }  # fmt: skip
+        }
 
 
 def safedpo_transform(
@@ -363,7 +369,7 @@ def safedpo_transform(
     categories: Sequence[str] = PKU_SAFERLHF_CATEGORIES,
     preference_key: str = "better_response_id",
 ) -> tuple[list[PreferencePair], TransformReport]:
-    """SafeDPO's transformation and the category assignment of DESIGN.md §1.1.
+    """SafeDPO's transformation and the category assignment (docs/design.md, "Data").
 
     The winner is ``row[preference_key]`` (``better_response_id`` by default: the
     helpfulness preference, which SafeDPO corrects for safety). Then:
@@ -404,9 +410,15 @@ def safedpo_transform(
         else:
             cats = (False,) * len(names)
         pair = PreferencePair(
-            prompt=row["prompt"], chosen=row[f"response_{w}"], rejected=row[f"response_{l}"],
-            chosen_unsafe=unsafe[w], rejected_unsafe=unsafe[l], categories=cats, location=loc, swapped=swapped,
-        )  # fmt: skip
+            prompt=row["prompt"],
+            chosen=row[f"response_{w}"],
+            rejected=row[f"response_{l}"],
+            chosen_unsafe=unsafe[w],
+            rejected_unsafe=unsafe[l],
+            categories=cats,
+            location=loc,
+            swapped=swapped,
+        )
         report.add_pair(pair)
         pairs.append(pair)
     return pairs, report
@@ -490,9 +502,10 @@ def tokenize_pairs(
                 ids = ids[: max(0, max_length - len(prompt_ids))]
             responses.append(ids)
         out.append(
-            TokenizedPair(prompt_ids, responses[0], responses[1], p.categories,
-                          (int(p.chosen_unsafe), int(p.rejected_unsafe)))
-        )  # fmt: skip
+            TokenizedPair(
+                prompt_ids, responses[0], responses[1], p.categories, (int(p.chosen_unsafe), int(p.rejected_unsafe))
+            )
+        )
     return out
 
 

@@ -1,4 +1,4 @@
-"""``CategoryMargins``: per-category adaptive safety margins ``Δ_c`` (DESIGN.md §1.4).
+"""``CategoryMargins``: per-category adaptive safety margins ``Δ_c`` (docs/design.md, "Margins").
 
 Dual ascent in the style of Safe RLHF's Lagrange multiplier, one multiplier per
 harm category: a category whose EMA unsafe-preference rate ``r_c`` stays above
@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .constants import NUM_STATS, STAT_INDEX
+from .constants import NUM_STATS
+from .stats import SIGNALS, CategoryStats, all_reduce_sum
 
 MODES = ("absolute", "relative")
-SIGNALS = ("soft", "hard")
 
 
 def _per_category(name: str, value, num_categories: int) -> torch.Tensor:
@@ -43,16 +43,6 @@ def _distributed_world() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """SUM over ranks, on a device the process group's backend can use."""
-    import torch.distributed as dist
-
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buf = t.to(comm_device, copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
 
 
 class CategoryMargins:
@@ -117,10 +107,17 @@ class CategoryMargins:
                 raise ValueError(f"names must have C = {num_categories} entries, got {len(names)}")
         self.num_categories = num_categories
         self.config = dict(
-            lr=float(lr), ema=float(ema), min_count=float(min_count), warmup_steps=int(warmup_steps),
-            min_margin=float(min_margin), max_margin=float(max_margin), mode=mode, signal=signal,
-            sync=bool(sync), eps=float(eps),
-        )  # fmt: skip
+            lr=float(lr),
+            ema=float(ema),
+            min_count=float(min_count),
+            warmup_steps=int(warmup_steps),
+            min_margin=float(min_margin),
+            max_margin=float(max_margin),
+            mode=mode,
+            signal=signal,
+            sync=bool(sync),
+            eps=float(eps),
+        )
         self.names = names if names is not None else tuple(f"category_{i}" for i in range(num_categories))
         self.target = _per_category("target", target, num_categories)
         init_t = _per_category("init", init, num_categories)
@@ -167,24 +164,21 @@ class CategoryMargins:
     # ----------------------------------------------------------------- update
     def _counts_from_stats(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(stats, torch.Tensor):
-            raise TypeError(f"stats must be a torch.Tensor (the (C+1, K) category_stats table), got {type(stats).__name__}")
+            raise TypeError(
+                f"stats must be a torch.Tensor (the (C+1, K) category_stats table), got {type(stats).__name__}"
+            )
         c = self.num_categories
         if stats.dim() != 2 or stats.shape[1] != NUM_STATS or stats.shape[0] not in (c, c + 1):
             raise ValueError(
                 f"stats must have shape (C+1, K) = ({c + 1}, {NUM_STATS}) (or (C, K)), got {tuple(stats.shape)}"
             )
         table = stats.detach().to(torch.float64)
-        if self.config["sync"] and _distributed_world() > 1:
-            table = _all_reduce_sum(table)
-        table = table.cpu()
-        n = table[:c, STAT_INDEX["count"]]
-        if self.config["signal"] == "soft":
-            v = table[:c, STAT_INDEX["unsafe_pref_sum"]]
-        else:
-            v = n - table[:c, STAT_INDEX["reward_acc"]]
-        if not bool(torch.isfinite(table[:c]).all()):
+        if self.config["sync"]:
+            table = all_reduce_sum(table)
+        table = CategoryStats(table.cpu()[:c])  # the category rows only: row C never moves a margin
+        if not bool(torch.isfinite(table.table).all()):
             raise ValueError("stats must be finite (a NaN loss upstream?)")
-        return n, v
+        return table.count, table.unsafe_count(self.config["signal"])
 
     def update(self, stats: torch.Tensor | None = None, *, unsafe_rate=None) -> torch.Tensor:
         """One dual-ascent step, once per optimiser step, after summing stats over micro-batches.
@@ -214,7 +208,7 @@ class CategoryMargins:
                 # Average each category's finite rates over the ranks (NaN where no rank
                 # has one, so that category stays put), so that every rank moves identically.
                 has = torch.isfinite(ext)
-                packed = _all_reduce_sum(torch.stack([torch.where(has, ext, torch.zeros_like(ext)), has.double()]))
+                packed = all_reduce_sum(torch.stack([torch.where(has, ext, torch.zeros_like(ext)), has.double()]))
                 ext = torch.where(packed[1] > 0, packed[0] / packed[1].clamp(min=1), torch.full_like(ext, float("nan")))
             finite = torch.isfinite(ext)
             active &= finite
@@ -260,7 +254,7 @@ class CategoryMargins:
         return out
 
     # -------------------------------------------------------- state & devices
-    def to(self, device) -> "CategoryMargins":
+    def to(self, device) -> CategoryMargins:
         """Keep the margins on the training device so ``loss()`` needs no copy."""
         self._value = self._value.to(device)
         self._device_cache.clear()
@@ -282,7 +276,8 @@ class CategoryMargins:
     def load_state_dict(self, state: dict) -> None:
         if int(state["num_categories"]) != self.num_categories:
             raise ValueError(
-                f"state_dict has num_categories={state['num_categories']}, this CategoryMargins has {self.num_categories}"
+                f"state_dict has num_categories={state['num_categories']}, "
+                f"this CategoryMargins has {self.num_categories}"
             )
         self.config = dict(state["config"])
         self.names = tuple(state["names"])
@@ -295,7 +290,7 @@ class CategoryMargins:
         self._device_cache.clear()
 
     @classmethod
-    def for_pku_saferlhf(cls, **kwargs) -> "CategoryMargins":
+    def for_pku_saferlhf(cls, **kwargs) -> CategoryMargins:
         """Margins over the 19 PKU-SafeRLHF harm categories, named."""
         from .categories import PKU_SAFERLHF_CATEGORIES
 

@@ -1,8 +1,9 @@
 """Quick start: the Cat-DPO loss and the adaptive margins in a bare training loop.
 
 Runs on CPU (backend "torch") or CUDA (backend "triton") with random data:
-a tiny "lm_head" maps hidden states to logits, the loss is computed per
-micro-batch, and the per-category margins are updated once per optimiser step.
+a tiny "lm_head" maps hidden states to logits, a ``CatDPOLoss`` computes the
+loss per micro-batch (and sums the per-category statistics of the step), and
+``update_margins()`` moves the per-category margins once per optimiser step.
 
     python python/quickstart.py [--steps 20] [--device cuda]
 """
@@ -31,29 +32,29 @@ def main() -> None:
     ref_head = torch.nn.Linear(hidden, vocab, bias=False, device=device).requires_grad_(False)
     ref_head.weight.copy_(lm_head.weight)
     opt = torch.optim.AdamW(lm_head.parameters(), lr=1e-2)
-    margins = ck.CategoryMargins(num_cats, init=0.5, lr=0.5, target=0.2, names=names).to(device)
+    # The criterion owns the margins (CategoryMargins options: init, lr, target, names, ...).
+    criterion = ck.CatDPOLoss(
+        num_cats, beta=0.1, loss_type="catdpo", shift_labels=True, init=0.5, lr=0.5, target=0.2, names=names
+    ).to(device)
+    margins = criterion.margins
 
     for step in range(args.steps):
-        stats = None
         for _ in range(args.grad_accum):
             h = torch.randn(2 * pairs, tokens, hidden, device=device)
             labels = torch.randint(0, vocab, (2 * pairs, tokens), device=device)
             labels[:, :8] = -100  # prompt tokens are not scored
             categories = torch.randint(-1, num_cats, (pairs,), device=device)
-            out = ck.loss(
-                lm_head(h), labels, categories, margins, ref_logits=ref_head(h),
-                beta=0.1, loss_type="catdpo", shift_labels=True,
-            )  # fmt: skip
+            out = criterion(lm_head(h), labels, categories, ref_logits=ref_head(h))
             (out.loss / args.grad_accum).backward()
-            # (C+1, K) per-category table; sums over micro-batches (and ranks).
-            stats = out.category_stats if stats is None else stats + out.category_stats
+        # The (C+1, K) per-category table summed over this step's micro-batches.
+        stats = ck.CategoryStats(criterion.pending_stats)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        margins.update(stats)  # once per optimiser step; all-reduced when distributed
+        criterion.update_margins()  # once per optimiser step; all-reduced when distributed
         worst = int(margins.value.argmax())
+        reward_acc = stats.reward_acc.sum().item() / stats.count.sum().item()
         print(
-            f"step {step:3d}  loss {out.loss.item():.4f}  "
-            f"reward acc {stats[:, 5].sum().item() / stats[:, 0].sum().item():.2f}  "
+            f"step {step:3d}  loss {out.loss.item():.4f}  reward acc {reward_acc:.2f}  "
             f"largest margin {names[worst]}={margins.value[worst].item():.3f}"
         )
     print("final margins:", {n: round(v, 3) for n, v in zip(names, margins.value.tolist())})

@@ -42,20 +42,38 @@ def main(argv=None):
     else:
         tok = D.build_word_tokenizer([*D.pair_texts(train_pairs), *D.pair_texts(eval_pairs)])
         config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
         )
         model = LlamaForCausalLM(config)
     config = DPOConfig(
-        output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, learning_rate=1e-3,
-        logging_steps=5, eval_strategy="steps", eval_steps=args.max_steps, report_to=[], seed=args.seed,
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        learning_rate=1e-3,
+        logging_steps=5,
+        eval_strategy="steps",
+        eval_steps=args.max_steps,
+        report_to=[],
+        seed=args.seed,
     )
     trainer = CatDPOTrainer(
-        model=model, ref_model=copy.deepcopy(model), args=config, processing_class=tok,
-        train_dataset=D.pairs_to_dataset(train_pairs), eval_dataset=D.pairs_to_dataset(eval_pairs),
-        catdpo_loss_type=args.loss_type, safedpo_margin=0.5,
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=config,
+        processing_class=tok,
+        train_dataset=D.pairs_to_dataset(train_pairs),
+        eval_dataset=D.pairs_to_dataset(eval_pairs),
+        catdpo_loss_type=args.loss_type,
+        safedpo_margin=0.5,
     )
     trainer.train()
     print("final margins:")

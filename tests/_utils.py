@@ -1,5 +1,5 @@
 """Shared test helpers: random Cat-DPO batches, the float64 ground truth, and the
-"no worse than naive" criterion of DESIGN.md §4.
+"no worse than naive" criterion (docs/design.md, "Testing").
 
 Import from any test file as ``from _utils import ...`` (pytest puts ``tests/``
 on ``sys.path`` through rootdir-relative imports; ``conftest.py`` lives there too).
@@ -134,9 +134,26 @@ def run_loss(batch: dict, *, backend: str, upcast: bool = False, grad: bool = Tr
     (``grad_out`` or a fixed ramp for ``reduction="none"``) and the gradient returned,
     else ``None``. ``upcast``: every float tensor goes to float64 first.
     """
-    out, grad_loss, _ = run_loss_and_logps_grad(batch, backend=backend, upcast=upcast, grad=grad, grad_out=grad_out,
-                                                logps_grad=False, **opts)  # fmt: skip
+    kw = dict(backend=backend, upcast=upcast, grad=grad, grad_out=grad_out, logps_grad=False)
+    out, grad_loss, _ = run_loss_and_logps_grad(batch, **kw, **opts)
     return out, grad_loss
+
+
+def adapt_margins(kwargs: dict) -> dict:
+    """Keep only the margin argument the loss type reads (``loss()`` refuses the others).
+
+    ``make_batch`` always draws per-category ``margins``; for ``dpo``/``ipo``/``safedpo``
+    they become ``num_categories`` (so the stats table keeps its C), and the scalar
+    ``margin`` is kept for ``safedpo`` only.
+    """
+    loss_type = kwargs.get("loss_type", "catdpo")
+    margins = kwargs.get("margins")
+    if loss_type != "catdpo" and margins is not None and not isinstance(margins, float):
+        kwargs["margins"] = None
+        kwargs.setdefault("num_categories", margins.shape[0])
+    if loss_type != "safedpo":
+        kwargs.pop("margin", None)
+    return kwargs
 
 
 def logps_upstream(n: int) -> torch.Tensor:
@@ -145,8 +162,16 @@ def logps_upstream(n: int) -> torch.Tensor:
     return ramp * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat((n + 1) // 2)[:n]
 
 
-def run_loss_and_logps_grad(batch: dict, *, backend: str, upcast: bool = False, grad: bool = True, grad_out=None,
-                            logps_grad: bool = True, **opts):  # fmt: skip
+def run_loss_and_logps_grad(
+    batch: dict,
+    *,
+    backend: str,
+    upcast: bool = False,
+    grad: bool = True,
+    grad_out=None,
+    logps_grad: bool = True,
+    **opts,
+):
     """Like ``run_loss``, plus the logits gradient of ``Σ u·policy_logps`` for the fixed
     ``u = logps_upstream(2B)``: the sequence stage alone, free of the pair loss's
     conditioning (a tiny error in ``h`` moves ``σ(−z)`` by up to ``β·δh``).
@@ -162,6 +187,7 @@ def run_loss_and_logps_grad(batch: dict, *, backend: str, upcast: bool = False, 
                 value = _clone_keep_strides(value)
         kwargs[key] = value
     kwargs.update(opts)
+    adapt_margins(kwargs)
     logits = kwargs["policy_logits"]
     if grad:
         logits.requires_grad_(True)
@@ -237,7 +263,7 @@ def assert_no_worse_than_naive(
     rtol: float,
     name: str,
 ) -> None:
-    """DESIGN.md §4: ``err(fused) ≤ err(naive)·(1 + rtol) + atol``, errors as max-abs vs float64.
+    """``err(fused) ≤ err(naive)·(1 + rtol) + atol``, errors as max-abs vs float64 (docs/design.md, "Testing").
 
     ``fused`` and ``naive`` are the same quantity computed in the same dtype by the
     fused backend and by the naive reference; ``exact`` is the float64 ground truth.
@@ -254,7 +280,9 @@ def assert_no_worse_than_naive(
     err_fused = max_abs_err(fused, exact)
     err_naive = max_abs_err(naive, exact)
     if err_naive == float("inf"):
-        raise AssertionError(f"{name}: the naive path itself disagrees with float64 on NaN positions; {_worst(naive, exact)}")
+        raise AssertionError(
+            f"{name}: the naive path itself disagrees with float64 on NaN positions; {_worst(naive, exact)}"
+        )
     bound = err_naive * (1.0 + rtol) + atol
     if not err_fused <= bound:
         scale = float(exact.detach().double().abs().nan_to_num(0.0).max()) if exact.numel() else 0.0
@@ -277,7 +305,8 @@ def assert_close_to_exact(actual: torch.Tensor, exact: torch.Tensor, *, atol: fl
     ok = torch.isnan(e) | ((a - e).abs() <= atol + rtol * e.abs())
     if not bool(ok.all()):
         raise AssertionError(
-            f"{name}: max error {max_abs_err(a, e):.3e} exceeds atol={atol:.1e} + rtol={rtol:.1e}·|exact|; {_worst(a, e)}"
+            f"{name}: max error {max_abs_err(a, e):.3e} exceeds atol={atol:.1e} + rtol={rtol:.1e}·|exact|; "
+            f"{_worst(a, e)}"
         )
 
 
@@ -321,8 +350,9 @@ def output_scales(exact_out, *, beta=None, loss_type=None) -> dict:
     return scales
 
 
-def compare_outputs(fused_out, naive_out, exact_out, *, dtype, fields=None, check_stats=True, beta=None,
-                    loss_type=None) -> None:  # fmt: skip
+def compare_outputs(
+    fused_out, naive_out, exact_out, *, dtype, fields=None, check_stats=True, beta=None, loss_type=None
+) -> None:
     """Apply the no-worse criterion to every field of two ``LossOutput``s.
 
     ``category_stats`` columns are compared too; the integer-valued columns
@@ -336,7 +366,8 @@ def compare_outputs(fused_out, naive_out, exact_out, *, dtype, fields=None, chec
     names = fields or ("loss", "policy_logps", "ref_logps", "chosen_rewards", "rejected_rewards")
     for field in names:
         f, n, e = getattr(fused_out, field), getattr(naive_out, field), getattr(exact_out, field)
-        assert_no_worse_than_naive(f.detach(), n.detach().to(f.dtype), e, atol=atol * scales[field], rtol=rtol, name=field)
+        n = n.detach().to(f.dtype)
+        assert_no_worse_than_naive(f.detach(), n, e, atol=atol * scales[field], rtol=rtol, name=field)
     if check_stats:
         f, n, e = fused_out.category_stats, naive_out.category_stats, exact_out.category_stats
         assert f.dtype == torch.float32, f"category_stats must be fp32, got {f.dtype}"
@@ -383,9 +414,9 @@ def assert_backend_matches_reference(batch: dict, *, backend: str, grad_out=None
     atol, rtol = SLACK[dtype]
     cond = loss_grad_condition(exact, dtype=dtype, beta=beta, loss_type=loss_type)
     scale = max(_amax(g_exact), 1e-30)
-    assert_no_worse_than_naive(g_fused, g_naive, g_exact, atol=max(atol, cond) * scale, rtol=rtol,
-                               name="logits gradient of the loss")  # fmt: skip
+    name = "logits gradient of the loss"
+    assert_no_worse_than_naive(g_fused, g_naive, g_exact, atol=max(atol, cond) * scale, rtol=rtol, name=name)
     scale = max(_amax(s_exact), 1e-30)
-    assert_no_worse_than_naive(s_fused, s_naive, s_exact, atol=atol * scale, rtol=rtol,
-                               name="logits gradient of u·policy_logps")  # fmt: skip
+    name = "logits gradient of u·policy_logps"
+    assert_no_worse_than_naive(s_fused, s_naive, s_exact, atol=atol * scale, rtol=rtol, name=name)
     return fused, g_fused, exact, g_exact

@@ -2,8 +2,8 @@
 
 The numbers themselves are not checked (timings are machine noise at this size);
 the tests check that every field is there, that the ratios are computed against
-the naive row of the same run, and that GPU-only figures (bandwidth, DESIGN.md §5
-targets) come out right from synthetic rows.
+the naive row of the same run, and that GPU-only figures (bandwidth, the targets of
+docs/design.md, "Performance model") come out right from synthetic rows.
 """
 
 import json
@@ -19,9 +19,19 @@ from catdpo_kernels.bench.targets import annotate
 def _run(tmp_path, capsys, *extra):
     paths = {"json": tmp_path / "r.json", "markdown": tmp_path / "r.md", "plot": tmp_path / "r.png"}
     argv = [
-        "--device", "cpu", "--shapes", "2x8x64", "--dtypes", "fp32", "--backends", "reference,torch,triton",
-        "--inplace", "--repeats", "1", "--no-progress",
-    ]  # fmt: skip
+        "--device",
+        "cpu",
+        "--shapes",
+        "2x8x64",
+        "--dtypes",
+        "fp32",
+        "--backends",
+        "reference,torch,triton",
+        "--inplace",
+        "--repeats",
+        "1",
+        "--no-progress",
+    ]
     for flag, path in paths.items():
         argv += [f"--{flag}", str(path)]
     rc = main(argv + list(extra))
@@ -53,7 +63,8 @@ def test_cli_smoke_json_ratios_table_markdown_plot(tmp_path, capsys):
         for mode in ("fwd", "bwd", "fwd_bwd"):
             assert r["time_ms"][mode]["median_ms"] > 0
         mem = r["memory"]
-        for key in ("input_bytes", "logits_bytes", "grad_bytes", "fwd_rise_bytes", "fwd_bwd_rise_bytes", "fwd_bwd_rise_excl_grad_bytes"):
+        keys = ("input_bytes", "logits_bytes", "grad_bytes", "fwd_rise_bytes", "fwd_bwd_rise_bytes")
+        for key in (*keys, "fwd_bwd_rise_excl_grad_bytes"):
             assert mem[key] >= 0, key
         assert mem["logits_bytes"] == 2 * 8 * 64 * 4
         # Every ratio is against the naive row of this very run.
@@ -103,7 +114,8 @@ def test_cli_sigterm_keeps_partial_results(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    for argv in (["--shapes", "3x8x64"], ["--dtypes", "fp64"], ["--backends", "reference,fast"], ["--triton-config", "BLOCK_V=100"]):
+    bad = (["--shapes", "3x8x64"], ["--dtypes", "fp64"], ["--backends", "reference,fast"])
+    for argv in (*bad, ["--triton-config", "BLOCK_V=100"]):
         with pytest.raises(SystemExit) as exc:
             main(["--device", "cpu"] + argv)
         assert exc.value.code == 2, argv
@@ -113,12 +125,23 @@ def test_cli_rejects_bad_arguments(capsys):
 def _row(label, kind, ms, rise, grad, *, baseline=False, inplace=False):
     logits = 8 * 2048 * 128256 * 2
     return {
-        "case": "8x2048x128256 bf16", "shape_str": "8x2048x128256", "dtype": "bf16", "group": "logits",
-        "label": label, "kind": kind, "baseline": baseline, "inplace": inplace, "status": "ok",
+        "case": "8x2048x128256 bf16",
+        "shape_str": "8x2048x128256",
+        "dtype": "bf16",
+        "group": "logits",
+        "label": label,
+        "kind": kind,
+        "baseline": baseline,
+        "inplace": inplace,
+        "status": "ok",
         "time_ms": {m: {"median_ms": v} for m, v in zip(("fwd", "bwd", "fwd_bwd"), ms)},
-        "memory": {"logits_bytes": logits, "grad_bytes": grad, "fwd_bwd_rise_bytes": rise,
-                   "fwd_bwd_rise_excl_grad_bytes": rise - grad},
-    }  # fmt: skip
+        "memory": {
+            "logits_bytes": logits,
+            "grad_bytes": grad,
+            "fwd_bwd_rise_bytes": rise,
+            "fwd_bwd_rise_excl_grad_bytes": rise - grad,
+        },
+    }
 
 
 def test_gpu_ratios_bandwidth_and_targets_from_synthetic_rows():
@@ -139,7 +162,8 @@ def test_gpu_ratios_bandwidth_and_targets_from_synthetic_rows():
     assert math.isclose(triton["bandwidth"]["GBps"]["fwd_bwd"], gbps)
     assert math.isclose(triton["bandwidth"]["pct_of_copy"]["fwd_bwd"], 100 * gbps / 3000.0)
     verdicts = {t["id"]: t["ok"] for t in triton["targets"]}
-    assert verdicts == {"speedup_vs_naive": True, "speedup_vs_compiled": True, "bandwidth": True, "memory_vs_naive": True}
+    expected = {"speedup_vs_naive": True, "speedup_vs_compiled": True, "bandwidth": True, "memory_vs_naive": True}
+    assert verdicts == expected
     assert all(t["at_design_shape"] for t in triton["targets"])
     inplace = {t["id"]: t["ok"] for t in rows[3]["targets"]}
     assert inplace["inplace_no_alloc"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -49,17 +50,18 @@ def test_policy_logits_wrong_type_ndim_dtype(batch):
 
 def test_odd_or_empty_rows(batch):
     odd = batch["policy_logits"][:3]
-    raises(batch, ValueError, "policy_logits.*even", policy_logits=odd, labels=batch["labels"][:3],
-           ref_logits=batch["ref_logits"][:3], unsafe=None)  # fmt: skip
-    raises(batch, ValueError, "policy_logits.*even", policy_logits=odd[:0], labels=batch["labels"][:0],
-           ref_logits=batch["ref_logits"][:0], unsafe=None)  # fmt: skip
+    three = dict(policy_logits=odd, labels=batch["labels"][:3], ref_logits=batch["ref_logits"][:3], unsafe=None)
+    raises(batch, ValueError, "policy_logits.*even", **three)
+    none = dict(policy_logits=odd[:0], labels=batch["labels"][:0], ref_logits=batch["ref_logits"][:0], unsafe=None)
+    raises(batch, ValueError, "policy_logits.*even", **none)
 
 
 def test_empty_tokens_or_vocab(batch):
     x = batch["policy_logits"]
-    raises(batch, ValueError, "policy_logits.*T >= 1", policy_logits=x[:, :0], labels=batch["labels"][:, :0],
-           ref_logits=batch["ref_logits"][:, :0])  # fmt: skip
-    raises(batch, ValueError, "policy_logits.*V >= 1", policy_logits=x[:, :, :0], ref_logits=batch["ref_logits"][:, :, :0])
+    no_tokens = dict(policy_logits=x[:, :0], labels=batch["labels"][:, :0], ref_logits=batch["ref_logits"][:, :0])
+    raises(batch, ValueError, "policy_logits.*T >= 1", **no_tokens)
+    no_vocab = dict(policy_logits=x[:, :, :0], ref_logits=batch["ref_logits"][:, :, :0])
+    raises(batch, ValueError, "policy_logits.*V >= 1", **no_vocab)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
@@ -76,8 +78,8 @@ def test_non_contiguous_vocab_dim_on_fused_backends(batch, backend):
 
 def test_shift_labels_needs_two_tokens(batch):
     x = batch["policy_logits"][:, :1]
-    raises(batch, ValueError, "shift_labels.*T >= 2", policy_logits=x, labels=batch["labels"][:, :1],
-           ref_logits=batch["ref_logits"][:, :1], shift_labels=True)  # fmt: skip
+    one_token = dict(policy_logits=x, labels=batch["labels"][:, :1], ref_logits=batch["ref_logits"][:, :1])
+    raises(batch, ValueError, "shift_labels.*T >= 2", shift_labels=True, **one_token)
 
 
 # ------------------------------------------------------------------- labels
@@ -146,20 +148,17 @@ def test_categories_wrong_dtype_or_shape(batch):
 
 
 def test_number_of_categories_must_agree(batch):
-    raises(batch, ValueError, "C disagrees.*margins gives C=3.*categories gives C=4",
-           categories=torch.zeros(B, C + 1, dtype=torch.bool))  # fmt: skip
+    hot = torch.zeros(B, C + 1, dtype=torch.bool)
+    raises(batch, ValueError, "C disagrees.*margins gives C=3.*categories gives C=4", categories=hot)
     raises(batch, ValueError, "C disagrees.*margins gives C=3.*num_categories gives C=5", num_categories=5)
-    raises(batch, ValueError, "C disagrees", margins=None, loss_type="dpo", num_categories=2,
-           categories=torch.zeros(B, 3, dtype=torch.bool))  # fmt: skip
-    # dpo ignores the margin values, not their length.
-    raises(batch, ValueError, "C disagrees", loss_type="dpo", margins=torch.ones(C + 1),
-           categories=torch.zeros(B, C, dtype=torch.bool))  # fmt: skip
+    dpo = dict(margins=None, loss_type="dpo", categories=torch.zeros(B, 3, dtype=torch.bool))
+    raises(batch, ValueError, "C disagrees.*num_categories gives C=2.*categories gives C=3", num_categories=2, **dpo)
     raises(batch, ValueError, "categories.*need margins= or num_categories=", loss_type="dpo", margins=None)
     raises(batch, ValueError, "num_categories.*int >= 0", num_categories=-1)
     raises(batch, ValueError, "num_categories.*int >= 0", num_categories=True)
     # A CategoryMargins of the wrong size.
-    raises(batch, ValueError, "C disagrees.*margins gives C=5", margins=CategoryMargins(C + 2),
-           categories=torch.ones(B, C, dtype=torch.bool))  # fmt: skip
+    hot = torch.ones(B, C, dtype=torch.bool)
+    raises(batch, ValueError, "C disagrees.*margins gives C=5", margins=CategoryMargins(C + 2), categories=hot)
     # With (B,) ids the margins fix C, so an id >= len(margins) is out of range.
     raises(batch, ValueError, r"categories.*\[-1, C=1\)", margins=CategoryMargins(1), categories=torch.tensor([0, 1]))
 
@@ -174,15 +173,92 @@ def test_margins_checks(batch):
         m = batch["margins"].clone()
         m[1] = bad
         raises(batch, ValueError, "margins must be finite", margins=m)
-    # dpo ignores the values, so non-finite ones are not an error there.
+    # A loss type that would ignore them refuses margins before looking at their values.
     m = batch["margins"].clone()
     m[0] = float("nan")
-    assert torch.isfinite(call(batch, margins=m, loss_type="dpo").loss)
+    raises(batch, ValueError, "margins.*loss_type='dpo' would ignore it", margins=m, loss_type="dpo")
 
 
 @pytest.mark.parametrize("margin", [float("nan"), float("inf"), "0.5", True])
 def test_scalar_margin_must_be_a_finite_float(batch, margin):
-    raises(batch, ValueError, "margin must be a finite float", margin=margin, loss_type="safedpo")
+    safedpo = dict(loss_type="safedpo", margins=None, num_categories=C)
+    raises(batch, ValueError, "margin must be a finite float", margin=margin, **safedpo)
+
+
+# ------------------------------------------------------------------- the margin rule
+# docs/design.md, "Math": catdpo reads the per-category margins=, safedpo the scalar
+# margin=; passing one that the loss type would ignore is an error.
+def expected_counts(categories: torch.Tensor) -> list[float]:
+    """Pairs per stats row for (B,) ids in [-1, C): row C holds the -1s."""
+    rows = torch.where(categories < 0, C, categories)
+    return torch.bincount(rows, minlength=C + 1).float().tolist()
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "safedpo"])
+def test_margins_are_refused_by_loss_types_that_ignore_them(batch, loss_type):
+    margin = 0.5 if loss_type == "safedpo" else 0.0
+    hint = "pass the scalar margin= instead" if loss_type == "safedpo" else "it takes no margin"
+    for margins in (batch["margins"], CategoryMargins(C)):
+        with pytest.raises(ValueError, match=rf"margins .*loss_type='{loss_type}' would ignore it") as info:
+            call(batch, loss_type=loss_type, margin=margin, margins=margins)
+        assert hint in str(info.value) and "num_categories=C" in str(info.value)
+        for backend in ("reference", "triton"):  # every backend: the rule is checked before dispatch
+            with pytest.raises(ValueError, match=f"loss_type='{loss_type}' would ignore it"):
+                call(batch, loss_type=loss_type, margin=margin, margins=margins, backend=backend)
+    # num_categories sizes the stats table instead.
+    out = call(batch, loss_type=loss_type, margin=margin, margins=None, num_categories=C)
+    assert out.category_stats.shape == (C + 1, len(catdpo_kernels.STAT_COLUMNS))
+    assert out.category_stats[:, 0].tolist() == expected_counts(batch["categories"])
+    plain = call(batch, loss_type=loss_type, margin=margin, margins=None, categories=None)
+    assert plain.category_stats.shape == (1, len(catdpo_kernels.STAT_COLUMNS))
+    if loss_type != "safedpo":  # Δ = 0: the categories change the table, not the loss
+        assert torch.equal(out.loss, plain.loss)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "catdpo"])
+def test_a_scalar_margin_is_refused_by_loss_types_that_ignore_it(batch, loss_type):
+    kwargs = {} if loss_type == "catdpo" else dict(margins=None, num_categories=C)
+    for margin in (0.5, -1.0, 3):
+        match = re.escape(f"margin={margin} ") + f".*loss_type='{loss_type}' would ignore it"
+        with pytest.raises(ValueError, match=match) as info:
+            call(batch, loss_type=loss_type, margin=margin, **kwargs)
+        assert "read only by loss_type='safedpo'" in str(info.value)
+        assert ("margins=" in str(info.value)) == (loss_type == "catdpo")  # catdpo: points to margins=
+    assert torch.isfinite(call(batch, loss_type=loss_type, margin=0.0, **kwargs).loss)  # 0 is the default
+
+
+def test_safedpo_reads_its_margin_and_catdpo_its_margins(batch):
+    safedpo = dict(loss_type="safedpo", margins=None, num_categories=C)
+    a = call(batch, margin=0.0, **safedpo).loss
+    b = call(batch, margin=1.5, **safedpo).loss
+    assert b > a  # the unsafe pairs get a margin to beat
+    assert torch.equal(a, call(batch, loss_type="dpo", margins=None, num_categories=C).loss)
+    c = call(batch, margins=batch["margins"] * 2).loss
+    assert c > call(batch).loss
+
+
+def test_module_follows_the_margin_rule(batch):
+    data = {k: v for k, v in batch.items() if k != "margins"}
+    for loss_type in ("dpo", "ipo", "catdpo"):
+        with pytest.raises(ValueError, match=f"margin=0.5 .*loss_type='{loss_type}' would ignore it"):
+            catdpo_kernels.CatDPOLoss(C, loss_type=loss_type, margin=0.5)
+    # The module owns margins for every loss type, but passes them only to catdpo: for
+    # the others they track the unsafe rate and num_categories sizes the table.
+    for loss_type, margin in (("dpo", 0.0), ("ipo", 0.0), ("safedpo", 0.5)):
+        module = catdpo_kernels.CatDPOLoss(C, loss_type=loss_type, margin=margin, backend="torch")
+        kwargs = module.loss_kwargs()
+        assert kwargs["margins"] is None and kwargs["num_categories"] == C and kwargs["margin"] == margin
+        out = module(**data)
+        expect = catdpo_kernels.loss(**data, loss_type=loss_type, margin=margin, num_categories=C, backend="torch")
+        assert torch.equal(out.loss, expect.loss) and torch.equal(out.category_stats, expect.category_stats)
+        assert out.category_stats[:, 0].tolist() == expected_counts(batch["categories"])
+        assert module.update_margins() is not None  # the rates still move the margins
+        with pytest.raises(ValueError, match=f"margins .*loss_type='{loss_type}' would ignore it"):
+            catdpo_kernels.loss(**data, margins=module.margins, loss_type=loss_type, margin=margin)
+    module = catdpo_kernels.CatDPOLoss(C, backend="torch")
+    assert module.loss_kwargs()["margins"] is module.margins
+    out = module(**data)
+    assert torch.equal(out.loss, catdpo_kernels.loss(**data, margins=module.margins, backend="torch").loss)
 
 
 # ------------------------------------------------------------------- unsafe
@@ -244,8 +320,8 @@ def test_module_checks_its_options():
 
 
 def test_inplace_backward_on_a_leaf_that_requires_grad(batch):
-    raises(batch, ValueError, "inplace_backward", policy_logits=batch["policy_logits"].clone().requires_grad_(),
-           inplace_backward=True)  # fmt: skip
+    leaf = batch["policy_logits"].clone().requires_grad_()
+    raises(batch, ValueError, "inplace_backward", policy_logits=leaf, inplace_backward=True)
 
 
 def test_inplace_backward_refuses_views_of_leaves_and_overlapping_memory(batch):

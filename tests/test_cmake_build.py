@@ -30,8 +30,16 @@ def run(cmd, cwd, timeout=900, env=None):
 @pytest.fixture(scope="module")
 def cmake_build(tmp_path_factory):
     build = tmp_path_factory.mktemp("cmake-build")
-    configure = [CMAKE, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DCATDPO_WITH_CUDA=OFF",
-                 f"-DPython3_EXECUTABLE={sys.executable}"]  # fmt: skip
+    configure = [
+        CMAKE,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DCATDPO_WITH_CUDA=OFF",
+        f"-DPython3_EXECUTABLE={sys.executable}",
+    ]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
     run(configure, ROOT)
@@ -51,8 +59,12 @@ def test_cmake_library_loads_into_torch(cmake_build):
     check = "assert out.tolist() == [[2.0, 2.0], [0.0, 0.0], [1.0, 1.0]], out"
     call = "out = torch.ops.catdpo.segment_reduce(torch.ones(4, 2), torch.tensor([0, -1, 7, 0]), 2)"
     library = str(cmake_build / "libcatdpo_ops.so")
-    run([sys.executable, "-c", f"import torch\ntorch.ops.load_library({library!r})\n{call}\n{check}"], cmake_build,
-        timeout=300, env=env)  # fmt: skip
+    run(
+        [sys.executable, "-c", f"import torch\ntorch.ops.load_library({library!r})\n{call}\n{check}"],
+        cmake_build,
+        timeout=300,
+        env=env,
+    )
     # The Python module carries the same op; it is imported in its own process.
     assert list(cmake_build.glob("_C*.so")), "CMake did not build the _C Python module"
     module = f"import torch, sys\nsys.path.insert(0, {str(cmake_build)!r})\nimport _C\n"

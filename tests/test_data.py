@@ -101,22 +101,29 @@ def bad_file(tmp_path):
     unknown = row()
     unknown["response_1_harm_category"] = {**harm("Violence"), "Jaywalking": True}
     lines = [
-        good,                                                    # 1
-        "{not json",                                             # 2
-        json.dumps(missing),                                     # 3
-        "",                                                      # 4: blank, not a row
-        json.dumps(row(safe0="yes")),                            # 5
-        json.dumps(unknown),                                     # 6
-        json.dumps(row(better=2)),                               # 7
-        json.dumps(row(response_0_severity_level=7)),            # 8
-        json.dumps([1, 2]),                                      # 9
-        good,                                                    # 10
-    ]  # fmt: skip
+        good,  # 1
+        "{not json",  # 2
+        json.dumps(missing),  # 3
+        "",  # 4: blank, not a row
+        json.dumps(row(safe0="yes")),  # 5
+        json.dumps(unknown),  # 6
+        json.dumps(row(better=2)),  # 7
+        json.dumps(row(response_0_severity_level=7)),  # 8
+        json.dumps([1, 2]),  # 9
+        good,  # 10
+    ]
     return _write_jsonl(tmp_path / "bad.jsonl", lines)
 
 
-BAD_LINES = {2: "invalid JSON", 3: "missing column", 5: "is_response_0_safe", 6: "Jaywalking",
-             7: "better_response_id", 8: "severity", 9: "JSON object"}  # fmt: skip
+BAD_LINES = {
+    2: "invalid JSON",
+    3: "missing column",
+    5: "is_response_0_safe",
+    6: "Jaywalking",
+    7: "better_response_id",
+    8: "severity",
+    9: "JSON object",
+}
 
 
 def test_malformed_rows_rejected_by_default(bad_file):
@@ -179,8 +186,13 @@ def test_safedpo_winner_safe_loser_unsafe_kept():
 @pytest.mark.parametrize("better", [0, 1])
 def test_safedpo_winner_unsafe_loser_safe_swapped(better):
     unsafe = better  # the helpfulness winner is the unsafe response
-    r = row(safe0=unsafe != 0, safe1=unsafe != 1, cats0=("Cybercrime",) if unsafe == 0 else (),
-            cats1=("Cybercrime",) if unsafe == 1 else (), better=better)  # fmt: skip
+    r = row(
+        safe0=unsafe != 0,
+        safe1=unsafe != 1,
+        cats0=("Cybercrime",) if unsafe == 0 else (),
+        cats1=("Cybercrime",) if unsafe == 1 else (),
+        better=better,
+    )
     [p], rep = D.safedpo_transform([r])
     assert p.swapped and rep.swapped == 1
     assert p.chosen == f"answer {['zero', 'one'][1 - unsafe]}" and p.rejected == f"answer {['zero', 'one'][unsafe]}"
@@ -233,8 +245,11 @@ def word_tok():
 
 
 def _pairs():
-    r = [row(cats1=("Violence", "Drugs")), row(safe0=True, safe1=True, cats1=(), better=1),
-         row(safe0=False, safe1=True, cats0=("Cybercrime",), cats1=(), better=0)]  # fmt: skip
+    r = [
+        row(cats1=("Violence", "Drugs")),
+        row(safe0=True, safe1=True, cats1=(), better=1),
+        row(safe0=False, safe1=True, cats0=("Cybercrime",), cats1=(), better=0),
+    ]
     r[0]["response_0"] = "I can't help with that."
     r[0]["response_1"] = "Sure, here is how to do the thing. First, make a plan."
     r[1]["prompt"] = "A much longer question about the thing that we would like to ask today?"
@@ -272,9 +287,16 @@ def test_tokenized_batch_feeds_the_loss(word_tok):
     rows, T = batch["input_ids"].shape
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(rows, T, len(word_tok), generator=g, dtype=torch.float64)
-    out = ck.loss(logits, batch["labels"], batch["categories"], torch.full((C,), 0.5, dtype=torch.float64),
-                  ref_logps=torch.zeros(rows, dtype=torch.float64), unsafe=batch["unsafe"], shift_labels=True,
-                  backend="reference")  # fmt: skip
+    out = ck.loss(
+        logits,
+        batch["labels"],
+        batch["categories"],
+        torch.full((C,), 0.5, dtype=torch.float64),
+        ref_logps=torch.zeros(rows, dtype=torch.float64),
+        unsafe=batch["unsafe"],
+        shift_labels=True,
+        backend="reference",
+    )
     logp = torch.log_softmax(logits[:, :-1], -1)
     tgt = batch["labels"][:, 1:]
     mask = tgt != -100
@@ -294,8 +316,12 @@ def test_tokenization_with_a_bpe_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     texts = [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|eos|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|eos|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|eos|>", pad_token="<|eos|>")
     tps = D.tokenize_pairs(pairs, tok)

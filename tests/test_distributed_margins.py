@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from _utils import make_batch
 
 import catdpo_kernels
-from catdpo_kernels import CategoryMargins, CatDPOLoss
+from catdpo_kernels import CatDPOLoss, CategoryMargins
 
 WORLD = 2
 STEPS = 3
@@ -51,7 +51,7 @@ def concat_pairs(parts: list[dict]) -> dict:
 def run_steps(margins: CategoryMargins, module: CatDPOLoss, batches_per_step) -> dict:
     """The training-loop side: loss -> stats -> update, for margins and for a CatDPOLoss."""
     values, module_values = [], []
-    for step, batch in enumerate(batches_per_step):
+    for batch in batches_per_step:
         out = catdpo_kernels.loss(**batch, margins=margins, beta=0.3, backend="torch")
         margins.update(out.category_stats)
         values.append(margins.value.clone())
@@ -68,10 +68,15 @@ def split_pairs(batch: dict) -> list[dict]:
     parts = []
     for sl in (slice(0, n // 2), slice(n // 2, n)):
         rows = list(range(n))[sl] + [n + i for i in list(range(n))[sl]]
-        parts.append({
-            "policy_logits": batch["policy_logits"][rows], "ref_logits": batch["ref_logits"][rows],
-            "labels": batch["labels"][rows], "unsafe": batch["unsafe"][rows], "categories": batch["categories"][sl],
-        })  # fmt: skip
+        parts.append(
+            {
+                "policy_logits": batch["policy_logits"][rows],
+                "ref_logits": batch["ref_logits"][rows],
+                "labels": batch["labels"][rows],
+                "unsafe": batch["unsafe"][rows],
+                "categories": batch["categories"][sl],
+            }
+        )
     return parts
 
 
@@ -84,9 +89,12 @@ def make_state(signal: str):
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
+    )
     try:
         results = {}
         for signal in SIGNALS:
@@ -105,8 +113,7 @@ def free_port() -> int:
 
 
 def spawn_ranks(out_dir: str, timeout_s: float = 120.0) -> None:
-    ctx = mp.start_processes(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=False,
-                             start_method="spawn")  # fmt: skip
+    ctx = mp.start_processes(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):

@@ -43,8 +43,11 @@ CHILD = textwrap.dedent(
 def run_child(tmp_path: Path, env: dict, timeout: float = 600):
     gen = torch.Generator().manual_seed(21)
     n = 20_000
-    data = dict(values=torch.randn(n, 6, generator=gen), ids=random_ids(n, 7, gen, bad_frac=0.05),
-                member=random_multi_hot(n, 7, gen))  # fmt: skip
+    data = dict(
+        values=torch.randn(n, 6, generator=gen),
+        ids=random_ids(n, 7, gen, bad_frac=0.05),
+        member=random_multi_hot(n, 7, gen),
+    )
     torch.save(data, tmp_path / "in.pt")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -52,8 +55,11 @@ def run_child(tmp_path: Path, env: dict, timeout: float = 600):
     full_env.update(env)
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        env=full_env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     report = json.loads(line[len("RESULT") :])

@@ -1,4 +1,4 @@
-"""``CategoryMargins``: the update rule of DESIGN.md §1.4, state, logging; ``CatDPOLoss`` bookkeeping."""
+"""``CategoryMargins``: the update rule (docs/design.md, "Margins"), state, logging; ``CatDPOLoss`` bookkeeping."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from _utils import make_batch
 
 import catdpo_kernels
-from catdpo_kernels import PKU_SAFERLHF_CATEGORIES, STAT_COLUMNS, CategoryMargins, CatDPOLoss
+from catdpo_kernels import PKU_SAFERLHF_CATEGORIES, STAT_COLUMNS, CatDPOLoss, CategoryMargins
 
 K = len(STAT_COLUMNS)
 COL = {name: i for i, name in enumerate(STAT_COLUMNS)}
@@ -103,7 +103,7 @@ def test_min_count_gates_each_category():
 
 def test_warmup_only_feeds_the_ema():
     m = CategoryMargins(1, init=1.0, lr=1.0, target=0.0, ema=0.5, warmup_steps=2)
-    for i in range(2):
+    for _ in range(2):
         m.update(table([4], unsafe=[4]))
         assert m.value.tolist() == [1.0]
         assert not m.history[-1]["moved"]
@@ -198,8 +198,12 @@ def test_names_and_log():
     assert math.isnan(logged["unsafe_rate/violence"])
     m.update(table([4, 4], unsafe=[1, 3]))
     logged = m.log(prefix="train/")
-    assert set(logged) == {"train/margin/violence", "train/margin/privacy",
-                           "train/unsafe_rate/violence", "train/unsafe_rate/privacy"}  # fmt: skip
+    assert set(logged) == {
+        "train/margin/violence",
+        "train/margin/privacy",
+        "train/unsafe_rate/violence",
+        "train/unsafe_rate/privacy",
+    }
     assert logged["train/unsafe_rate/privacy"] == 0.75
     assert logged["train/margin/privacy"] == float(m.value[1])
     # A category no batch has contained yet logs NaN, not a perfect-looking 0.
@@ -216,7 +220,7 @@ def test_names_and_log():
 
 def test_history_records_every_update():
     m = CategoryMargins(2, ema=0.5, warmup_steps=1)
-    for i in range(3):
+    for _ in range(3):
         m.update(table([4, 2], unsafe=[1, 1]))
     assert [h["step"] for h in m.history] == [0, 1, 2]
     assert [h["moved"] for h in m.history] == [False, True, True]
@@ -241,8 +245,19 @@ def random_tables(n, c, seed):
 @pytest.mark.parametrize("mode, signal", [("absolute", "soft"), ("relative", "hard")])
 @pytest.mark.parametrize("via_file", [False, True])
 def test_state_dict_round_trip_resumes_bitwise(mode, signal, via_file, tmp_path):
-    kwargs = dict(init=[0.3, 0.9, 1.4], lr=0.37, target=[0.1, 0.2, 0.05], ema=0.83, min_count=2.5, warmup_steps=1,
-                  min_margin=0.05, max_margin=3.0, mode=mode, signal=signal, names=["a", "b", "c"])  # fmt: skip
+    kwargs = dict(
+        init=[0.3, 0.9, 1.4],
+        lr=0.37,
+        target=[0.1, 0.2, 0.05],
+        ema=0.83,
+        min_count=2.5,
+        warmup_steps=1,
+        min_margin=0.05,
+        max_margin=3.0,
+        mode=mode,
+        signal=signal,
+        names=["a", "b", "c"],
+    )
     tables = random_tables(8, 3, seed=5)
     straight = CategoryMargins(3, **kwargs)
     first = CategoryMargins(3, **kwargs)
@@ -320,9 +335,14 @@ def test_margins_move_the_right_way_from_real_loss_stats():
     ref = torch.cat([torch.zeros(6, dtype=torch.float64), h])
     m = CategoryMargins(2, init=1.0, lr=1.0, target=0.1, ema=0.0)
     out = catdpo_kernels.loss(
-        torch.zeros(12, 1, 1), torch.zeros(12, 1, dtype=torch.int64), cats, m, ref_logps=ref.float(), beta=0.1,
+        torch.zeros(12, 1, 1),
+        torch.zeros(12, 1, dtype=torch.int64),
+        cats,
+        m,
+        ref_logps=ref.float(),
+        beta=0.1,
         backend="torch",
-    )  # fmt: skip
+    )
     m.update(out.category_stats)
     assert m.value[0] > 1.0 > m.value[1]
     assert torch.equal(out.category_stats[2, :1], torch.tensor([2.0]))  # -1 -> row C
@@ -356,7 +376,7 @@ def test_module_accumulates_stats_over_micro_batches():
         assert torch.equal(new, alone.update(summed))
         assert module.pending_stats is None
     assert module.margins.step == 2
-    with pytest.raises(RuntimeError, match="before any forward"):
+    with pytest.raises(RuntimeError, match=r"before any training forward\(\)"):
         module.update_margins()
 
 

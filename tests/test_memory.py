@@ -1,8 +1,8 @@
 """Peak CPU memory of forward+backward above the inputs (a memory assertion, not a timing).
 
-DESIGN.md §5 / issue 2: at 2B=8, T=512, V=32000 fp32, ``backend="torch"`` must use at
-most 0.1x the naive reference's peak, not counting the logits gradient that backward
-has to return. ``pytest -s`` prints the measured ratio.
+At 2B=8, T=512, V=32000 fp32, ``backend="torch"`` must use at most 0.1x the naive
+reference's peak (docs/design.md, "Performance model"), not counting the logits
+gradient that backward has to return. ``pytest -s`` prints the measured ratio.
 """
 
 from __future__ import annotations

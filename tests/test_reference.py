@@ -1,4 +1,9 @@
-"""The naive reference (``backend="reference"``) against values worked out by hand.
+"""The naive reference against values worked out by hand: it is the ground truth of
+every other test (docs/design.md, "Testing").
+
+Most tests call ``loss(backend="reference")``; the last section calls the oracle's
+own functions (``reference.catdpo_loss`` on canonical inputs, ``pair_loss``,
+``category_stats``, ``category_mean``) directly.
 
 The logits of the tiny batch are ``log(w)`` plus a per-token offset, with weights
 ``w`` that sum to 8 on every token, so every token log-prob is ``log(w[label] / 8)``
@@ -13,7 +18,11 @@ import pytest
 import torch
 
 import catdpo_kernels
-from catdpo_kernels import STAT_COLUMNS
+from catdpo_kernels import STAT_COLUMNS, reference
+from catdpo_kernels.categories import CategoryAssignment
+from catdpo_kernels.functional import reduce
+from catdpo_kernels.loss_types import LOSS_TYPE_TABLE
+from catdpo_kernels.pairs import pair_signs
 
 lp = math.log
 IGN = -100
@@ -161,6 +170,16 @@ def expected_pairs(loss_type, s, delta, beta=BETA):
     return out
 
 
+# Each loss type with the margin argument it reads (docs/design.md, "Math"); the
+# others size the stats table with num_categories.
+MARGIN_ARGS = {
+    "dpo": dict(num_categories=2),
+    "ipo": dict(num_categories=2),
+    "safedpo": dict(num_categories=2, margin=0.8),
+    "catdpo": dict(margins=MARGINS),
+}
+
+
 @pytest.mark.parametrize(
     "loss_type, s, delta",
     [
@@ -171,20 +190,20 @@ def expected_pairs(loss_type, s, delta, beta=BETA):
     ],
 )
 def test_loss_types_by_hand(loss_type, s, delta):
-    out = catdpo_kernels.loss(
-        **tiny(), categories=CATS, margins=MARGINS, unsafe=UNSAFE, beta=BETA, loss_type=loss_type,
-        margin=0.8, reduction="none",
-    )  # fmt: skip
+    opts = dict(categories=CATS, unsafe=UNSAFE, beta=BETA, loss_type=loss_type, reduction="none")
+    out = catdpo_kernels.loss(**tiny(), **opts, **MARGIN_ARGS[loss_type])
     close(out.loss, expected_pairs(loss_type, s, delta))
 
 
-def test_dpo_and_ipo_ignore_margins():
-    base = catdpo_kernels.loss(**tiny(), beta=BETA, loss_type="dpo", reduction="none").loss
-    with_margins = catdpo_kernels.loss(
-        **tiny(), categories=CATS, margins=MARGINS, unsafe=UNSAFE, beta=BETA, loss_type="dpo", margin=3.0,
-        reduction="none",
-    ).loss  # fmt: skip
-    assert torch.equal(base, with_margins)
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo"])
+def test_dpo_and_ipo_ignore_categories_and_flags(loss_type):
+    base = catdpo_kernels.loss(**tiny(), beta=BETA, loss_type=loss_type, reduction="none")
+    with_cats = catdpo_kernels.loss(
+        **tiny(), categories=CATS, unsafe=UNSAFE, num_categories=2, beta=BETA, loss_type=loss_type, reduction="none"
+    )
+    assert torch.equal(base.loss, with_cats.loss)
+    assert base.category_stats.shape == (1, 6) and with_cats.category_stats.shape == (3, 6)
+    close(with_cats.category_stats[:, 0], [0, 1, 1])  # pair 0 in row 1, pair 1 (id -1) in row C = 2
 
 
 def test_safety_from_unsafe_flags_by_hand():
@@ -195,10 +214,8 @@ def test_safety_from_unsafe_flags_by_hand():
         **tiny(), categories=CATS, margins=MARGINS, unsafe=unsafe, beta=BETA, loss_type="catdpo", reduction="none"
     )
     close(cat.loss, expected_pairs("catdpo", [0, 1], [1.7, 0.0]))
-    safe = catdpo_kernels.loss(
-        **tiny(), categories=CATS, unsafe=unsafe, beta=BETA, loss_type="safedpo", margin=0.8, num_categories=2,
-        reduction="none",
-    )  # fmt: skip
+    opts = dict(categories=CATS, unsafe=unsafe, beta=BETA, reduction="none", loss_type="safedpo")
+    safe = catdpo_kernels.loss(**tiny(), **opts, **MARGIN_ARGS["safedpo"])
     close(safe.loss, expected_pairs("safedpo", [0, 1], [0.8, 0.8]))
     # Float and bool flags mean the same.
     for flags in (unsafe.float(), unsafe.bool()):
@@ -215,10 +232,10 @@ def test_safety_without_flags_is_one_for_pairs_with_a_category():
     out = catdpo_kernels.loss(**tiny(), categories=torch.tensor([-1, 0]), margins=MARGINS, beta=BETA, reduction="none")
     close(out.loss, expected_pairs("catdpo", [0, 1], [0.0, 0.3]))
     # safedpo without flags: s = 1 only for pairs with a category.
+    cats = torch.tensor([-1, 0])
     out = catdpo_kernels.loss(
-        **tiny(), categories=torch.tensor([-1, 0]), beta=BETA, loss_type="safedpo", margin=0.8, num_categories=2,
-        reduction="none",
-    )  # fmt: skip
+        **tiny(), categories=cats, beta=BETA, reduction="none", loss_type="safedpo", **MARGIN_ARGS["safedpo"]
+    )
     close(out.loss, expected_pairs("safedpo", [0, 1], [0.8, 0.8]))
     # No categories and no flags: plain DPO.
     out = catdpo_kernels.loss(**tiny(), beta=BETA, loss_type="safedpo", margin=0.8, reduction="none")
@@ -247,10 +264,10 @@ def test_rewards_by_hand():
 
 def test_precomputed_ref_logps_match_ref_logits():
     a = catdpo_kernels.loss(**tiny(), categories=CATS, margins=MARGINS, beta=BETA, reduction="none")
+    rho = torch.tensor(RHO, dtype=torch.float64)
     b = catdpo_kernels.loss(
-        **tiny(ref_logits=None), ref_logps=torch.tensor(RHO, dtype=torch.float64), categories=CATS, margins=MARGINS,
-        beta=BETA, reduction="none",
-    )  # fmt: skip
+        **tiny(ref_logits=None), ref_logps=rho, categories=CATS, margins=MARGINS, beta=BETA, reduction="none"
+    )
     close(b.loss, a.loss)
     close(b.ref_logps, RHO)
 
@@ -343,7 +360,7 @@ def test_category_mean_gradient_by_hand():
 
 
 def test_category_mean_without_categories_is_the_mean():
-    kw = batch5(categories=None, margins=None, loss_type="dpo")
+    kw = batch5(categories=None, margins=None, loss_type="dpo", unsafe=None)
     close(catdpo_kernels.loss(**kw, reduction="category_mean").loss, catdpo_kernels.loss(**kw).loss)
 
 
@@ -394,7 +411,7 @@ def test_multi_hot_stats_count_in_every_row_and_all_false_in_row_c():
 
 
 def test_multi_hot_without_flags_has_s_one_for_any_category():
-    cats = torch.tensor([[True, False, False], [False, False, False], [False, True, False], [False, False, False], [False, False, True]])
+    cats = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1]]).bool()
     out = catdpo_kernels.loss(**batch5(categories=cats, unsafe=None), reduction="none")
     s = [1, 0, 1, 0, 1]
     delta = [0.5, 0.0, 2.0, 0.0, 0.25]
@@ -427,14 +444,135 @@ def test_out_of_range_category_gives_nan_with_checks_off():
         assert torch.isnan(bad.loss), reduction
 
 
+# The margin argument each loss type reads, for the 5-pair batch (C = 3).
+MARGIN_ARGS5 = {
+    "dpo": dict(margins=None, num_categories=3),
+    "ipo": dict(margins=None, num_categories=3),
+    "safedpo": dict(margins=None, num_categories=3, margin=0.4),
+    "catdpo": dict(),
+}
+
+
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "safedpo"])
 def test_out_of_range_category_poisons_category_mean_for_every_loss_type(loss_type):
     # These loss types do not read Δ_c, but category_mean does group by category.
     for bad_id in (3, -2):
         cats = torch.tensor([0, bad_id, 0, -1, 2])
-        out = catdpo_kernels.loss(
-            **batch5(categories=cats), loss_type=loss_type, check_inputs=False, reduction="category_mean"
-        )
+        kw = batch5(categories=cats, loss_type=loss_type, **MARGIN_ARGS5[loss_type])
+        out = catdpo_kernels.loss(**kw, check_inputs=False, reduction="category_mean")
         assert torch.isnan(out.loss), (loss_type, bad_id)
         # The pair counts in no stats row.
-        assert out.category_stats[:, 0].sum() == 4
+        assert out.category_stats[:, 0].tolist() == [2, 0, 1, 1]
+        per_pair = catdpo_kernels.loss(**kw, check_inputs=False, reduction="none").loss
+        assert torch.isnan(per_pair[1]) and torch.isfinite(per_pair[[0, 2, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "safedpo", "catdpo"])
+def test_invalid_unsafe_flags_give_nan_with_checks_off(loss_type):
+    # Pairs 1..4: a flag of 2, a flag of 0.5, a NaN flag and an unsafe chosen over a
+    # safe rejected response (s = -1); pair 0 is valid.
+    unsafe = torch.tensor([0, 2, 0, float("nan"), 1, 1, 1, 0.5, 1, 0], dtype=torch.float64)
+    kw = batch5(unsafe=unsafe, loss_type=loss_type, **MARGIN_ARGS5[loss_type])
+    out = catdpo_kernels.loss(**kw, check_inputs=False, reduction="none")
+    assert torch.isfinite(out.loss[0]) and torch.isnan(out.loss[1:]).all()
+    # The pairs still count in their stats rows (with NaN sums).
+    close(out.category_stats[:, 0], [2, 0, 2, 1])
+
+
+# ------------------------------------------------- the oracle's own functions
+def test_catdpo_loss_on_canonical_inputs_by_hand():
+    a = CategoryAssignment.from_categories(CATS, 2, 2, torch.device("cpu"))
+    table = a.margin_table(LOSS_TYPE_TABLE["catdpo"], MARGINS, 0.0)
+    signs = pair_signs(UNSAFE, a)
+    close(signs, [1, 0])
+    kw = dict(ref_logits=logits_from(W_REF), beta=BETA)
+    loss, policy, ref, stats = reference.catdpo_loss(logits_from(W_POLICY), torch.tensor(LABELS), a, table, signs, **kw)
+    close(policy, PI)
+    close(ref, RHO)
+    expected = expected_pairs("catdpo", [1, 0], [1.7, 0.0])
+    close(loss, expected)
+    # Pair 0 (category 1) in row 1, pair 1 (no category) in row C = 2; row 0 is empty.
+    assert stats.dtype == torch.float32 and stats.shape == (3, len(STAT_COLUMNS))
+    for row, pair in ((1, 0), (2, 1)):
+        close(stats[row, [0, 1, 2, 4]], [1, expected[pair], sigmoid(-BETA * H[pair]), BETA * H[pair]], 1e-6)
+    # The indicators of pair 0 (pair 1 has h = 0 up to rounding: no stable sign).
+    assert BETA * H[0] - 1.7 < 0 < H[0]
+    assert stats[1, 3] == 0 and stats[1, 5] == 1
+    assert torch.equal(stats[0], torch.zeros(len(STAT_COLUMNS)))
+    # The same with precomputed reference log-probs, and the IPO family.
+    rho = torch.tensor(RHO, dtype=torch.float64)
+    labels = torch.tensor(LABELS)
+    again = reference.catdpo_loss(logits_from(W_POLICY), labels, a, table, signs, ref_logps=rho, beta=BETA)
+    close(again[0], expected)
+    ipo = reference.catdpo_loss(logits_from(W_POLICY), labels, a, table, signs, family="ipo", **kw)
+    close(ipo[0], expected_pairs("ipo", [1, 0], [0, 0]))
+
+
+@pytest.mark.parametrize("family", ["sigmoid", "ipo"])
+def test_pair_loss_formulas_by_hand(family):
+    policy = torch.tensor([-1.0, -2.5, -3.0, -0.5], dtype=torch.float64)
+    ref = torch.tensor([-1.5, -2.0, -2.0, -1.0], dtype=torch.float64)
+    signs = torch.tensor([1.0, float("nan")])
+    delta = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    beta = 0.4
+    h = [(-1.0 + 1.5) - (-3.0 + 2.0), (-2.5 + 2.0) - (-0.5 + 1.0)]  # [1.5, -1.0]
+    loss, h_out, z_out = reference.pair_loss(policy, ref, signs, delta, beta=beta, family=family)
+    close(h_out, h)
+    close(z_out[0], beta * h[0] - 0.6)
+    expected0 = softplus(-(beta * h[0] - 0.6)) if family == "sigmoid" else (h[0] - 1 / (2 * beta)) ** 2
+    close(loss[0], expected0)
+    assert torch.isnan(loss[1])  # a NaN sign poisons the pair in every family
+    bad_delta = torch.tensor([0.6, float("nan")])
+    loss, _, _ = reference.pair_loss(policy, ref, torch.ones(2), bad_delta, beta=beta, family=family)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])  # so does a NaN margin (the invalid row)
+    assert set(reference.PAIR_FORMULAS) == {spec.family for spec in LOSS_TYPE_TABLE.values()}
+
+
+def test_category_stats_and_category_mean_by_hand():
+    values = torch.tensor([[1.0, 2.0], [1.0, 5.0], [1.0, -1.0], [1.0, 7.0]], dtype=torch.float64)
+    # Pair 0 in rows 0 and 2, pair 1 in row 2, pair 2 in row 0, pair 3 in no row (invalid); row 1 empty.
+    member = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)
+    table = reference.category_stats(values, member)
+    assert table.dtype == torch.float32
+    close(table, [[2, 1], [0, 0], [2, 7]])
+    loss = torch.tensor([0.5, 1.5, 2.5, 9.0], dtype=torch.float64, requires_grad=True)
+    valid = member[:3]
+    # Row means: row 0 (0.5 + 2.5) / 2 = 1.5, row 2 (0.5 + 1.5) / 2 = 1.0; the empty row is left out.
+    cm = reference.category_mean(loss[:3], valid)
+    close(cm, (1.5 + 1.0) / 2)
+    cm.backward()
+    close(loss.grad, [(1 / 2 + 1 / 2) / 2, 1 / 4, 1 / 4, 0])
+    assert torch.isnan(reference.category_mean(loss.detach(), member))  # pair 3 counts nowhere
+
+
+def _random_assignment(kind: str, num_pairs: int, num_cats: int, gen: torch.Generator) -> CategoryAssignment:
+    if kind == "multi_hot":
+        cats = torch.rand(num_pairs, num_cats, generator=gen) < 0.35
+    else:
+        cats = torch.randint(-1, num_cats, (num_pairs,), generator=gen)
+        if kind == "invalid":
+            cats[int(torch.randint(0, num_pairs, (1,), generator=gen))] = num_cats + 2
+    return CategoryAssignment.from_categories(cats, num_cats, num_pairs, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["ids", "multi_hot", "invalid"])
+@pytest.mark.parametrize("num_pairs, num_cats", [(1, 1), (5, 3), (33, 7), (64, 19)])
+def test_functional_category_mean_matches_the_oracle(kind, num_pairs, num_cats):
+    gen = torch.Generator().manual_seed(num_pairs * 100 + num_cats)
+    for _ in range(3):
+        a = _random_assignment(kind, num_pairs, num_cats, gen)
+        member = a.membership(torch.float64)
+        table = reference.category_stats(torch.ones(num_pairs, len(STAT_COLUMNS)), member)
+        loss = (torch.rand(num_pairs, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+        fused = reduce(loss, table, a, "category_mean")
+        oracle = reference.category_mean(loss, member)
+        if kind == "invalid":
+            assert torch.isnan(fused) and torch.isnan(oracle)
+            continue
+        close(fused, oracle)
+        (g_fused,) = torch.autograd.grad(fused, loss)
+        (g_oracle,) = torch.autograd.grad(oracle, loss)
+        close(g_fused, g_oracle)
+    close(reduce(loss, table, a, "mean"), loss.mean())
+    close(reduce(loss, table, a, "sum"), loss.sum())
+    assert reduce(loss, table, a, "none") is loss

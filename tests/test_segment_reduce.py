@@ -18,9 +18,14 @@ from catdpo_kernels import _ext
 from catdpo_kernels.constants import NUM_STATS, STAT_INDEX
 from catdpo_kernels.margins import CategoryMargins
 from catdpo_kernels.ops import category_stats
-from catdpo_kernels.ops.segment_reduce import segment_gather, segment_reduce, segment_reduce_torch
+from catdpo_kernels.ops.segment_reduce import (
+    compiled_op_available,
+    segment_gather,
+    segment_reduce,
+    segment_reduce_torch,
+)
 
-HAS_OP = _ext.has_compiled_op("cpu")
+HAS_OP = compiled_op_available("cpu")
 needs_op = pytest.mark.skipif(not HAS_OP, reason=f"compiled op not loaded: {_ext.build_info()['errors']}")
 
 
@@ -145,7 +150,7 @@ def test_multi_hot(impl, n, num_segments):
     if n >= 2 and num_segments >= 2:
         member[0] = False  # a pair with no category: row num_segments
         member[1] = True  # a pair in every row
-    got = assert_matches_oracle(impl, values, member, num_segments)
+    assert_matches_oracle(impl, values, member, num_segments)
     if n:
         # Each pair counts once per row it carries, and once in the none row if it carries none.
         carried = member.sum() + (~member.any(-1)).sum() if num_segments else torch.tensor(n)
@@ -195,8 +200,9 @@ def test_large_n_compiled_and_entry():
     for impl in impls:
         torch.testing.assert_close(impl(values, ids, 19), expected, rtol=2e-6, atol=1e-4)
     member = random_multi_hot(200_000, 19, gen)
-    torch.testing.assert_close(segment_reduce(values[:200_000], member, 19), oracle(values[:200_000], member, 19),
-                               rtol=2e-6, atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        segment_reduce(values[:200_000], member, 19), oracle(values[:200_000], member, 19), rtol=2e-6, atol=1e-4
+    )
 
 
 # ------------------------------------------------------------ determinism
@@ -309,11 +315,15 @@ def test_torch_compile_fullgraph(dynamic):
 
 
 # ---------------------------------------------------------------- wire-in
-def test_category_table_goes_through_segment_reduce(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_category_table_goes_through_segment_reduce(monkeypatch, backend):
+    """The package passes canonical rows (``CategoryAssignment.segment_ids``): the
+    no-category row is the ordinary segment ``C`` of ``C + 1``, and the op's own
+    extra row is cut off."""
     calls = []
 
     def spy(values, ids, num_segments):
-        calls.append((tuple(values.shape), tuple(ids.shape), num_segments))
+        calls.append((tuple(values.shape), ids.clone(), num_segments))
         return segment_reduce(values, ids, num_segments)
 
     monkeypatch.setattr(category_stats, "segment_reduce", spy)
@@ -321,14 +331,25 @@ def test_category_table_goes_through_segment_reduce(monkeypatch):
     b, t, v, c = 4, 3, 11, 3
     logits = torch.randn(2 * b, t, v, generator=gen)
     labels = torch.randint(0, v, (2 * b, t), generator=gen)
-    categories = torch.tensor([0, 2, -1, 2])
-    out = catdpo_kernels.loss(
-        logits, labels, categories, torch.full((c,), 0.5), ref_logps=torch.randn(2 * b, generator=gen),
-        backend="torch", reduction="category_mean",
-    )  # fmt: skip
-    assert calls == [((b, NUM_STATS), (b,), c)]
-    counts = out.category_stats[:, STAT_INDEX["count"]]
+    ref_logps = torch.randn(2 * b, generator=gen)
+    margins = torch.full((c,), 0.5)
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    logits, labels, ref_logps, margins = (x.to(dev) for x in (logits, labels, ref_logps, margins))
+    kw = dict(ref_logps=ref_logps, backend=backend, reduction="category_mean")
+    out = catdpo_kernels.loss(logits, labels, torch.tensor([0, 2, -1, 2], device=dev), margins, **kw)
+    ((shape, ids, num_segments),) = calls
+    assert shape == (b, NUM_STATS) and num_segments == c + 1
+    assert torch.equal(ids.cpu(), torch.tensor([0, 2, 3, 2]))
+    counts = out.category_stats[:, STAT_INDEX["count"]].cpu()
     assert torch.equal(counts, torch.tensor([1.0, 0.0, 2.0, 1.0]))
+    # Multi-hot: the bool matrix with the explicit no-category column.
+    calls.clear()
+    hot = torch.tensor([[True, False, True], [False, False, False], [False, True, False], [True, True, True]])
+    out = catdpo_kernels.loss(logits, labels, hot.to(dev), margins, **kw)
+    ((shape, ids, num_segments),) = calls
+    assert num_segments == c + 1 and ids.dtype == torch.bool
+    assert torch.equal(ids.cpu(), torch.cat([hot, torch.tensor([[False], [True], [False], [False]])], dim=1))
+    assert torch.equal(out.category_stats[:, STAT_INDEX["count"]].cpu(), torch.tensor([2.0, 2.0, 2.0, 1.0]))
 
 
 def test_category_margins_update_accepts_the_table():

@@ -13,10 +13,23 @@ import pytest
 import torch
 
 from catdpo_kernels import data as D
-from catdpo_kernels.train import TrainConfig, compare, train
+from catdpo_kernels.training import TrainConfig, compare, train
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_train_pairs=96, max_eval_pairs=40,
-            batch_size=8, eval_every=0, progress=False, plot=False, quiet=True, max_length=96, device="cpu")  # fmt: skip
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    max_train_pairs=96,
+    max_eval_pairs=40,
+    batch_size=8,
+    eval_every=0,
+    progress=False,
+    plot=False,
+    quiet=True,
+    max_length=96,
+    device="cpu",
+)
 
 
 def _records(out_dir, kind="train"):
@@ -38,7 +51,8 @@ def test_three_step_run_margins_follow_unsafe_rates(tmp_path):
             delta = r["margin"][n] - prev[n]
             rate = r["ema_unsafe_rate"][n]
             # dual ascent: a category above its target unsafe rate gets a larger margin, one below a smaller one
-            expected = min(max(prev[n] + cfg.margin_lr * (rate - cfg.margin_target), cfg.margin_min), cfg.margin_max) - prev[n]
+            stepped = prev[n] + cfg.margin_lr * (rate - cfg.margin_target)
+            expected = min(max(stepped, cfg.margin_min), cfg.margin_max) - prev[n]
             if n not in r["margin_active"]:  # too few pairs (EMA count < min_count) yet: does not move
                 assert delta == 0.0
                 continue
@@ -77,7 +91,8 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7)
         assert rb["margin"] == pytest.approx(ra["margin"], rel=1e-6, abs=1e-7)
     assert resumed["margins"] == pytest.approx(full["margins"], rel=1e-6, abs=1e-7)
-    assert resumed["eval"]["aggregate"]["soft_unsafe"] == pytest.approx(full["eval"]["aggregate"]["soft_unsafe"], rel=1e-5)
+    soft_unsafe = full["eval"]["aggregate"]["soft_unsafe"]
+    assert resumed["eval"]["aggregate"]["soft_unsafe"] == pytest.approx(soft_unsafe, rel=1e-5)
     # a checkpoint refuses to resume a run with other trajectory-defining options
     with pytest.raises(ValueError, match="other options"):
         train(dataclasses.replace(part, max_steps=4, resume="auto", lr=0.5))
@@ -99,11 +114,33 @@ def test_compare_prints_one_table(tmp_path, capsys):
 
 
 def test_cli_train_is_the_default_subcommand(tmp_path):
-    from catdpo_kernels.cli import main
+    from catdpo_kernels.training.cli import main
 
-    args = ["--max-steps", "1", "--max-train-pairs", "16", "--max-eval-pairs", "8", "--batch-size", "8",
-            "--hidden-size", "16", "--intermediate-size", "32", "--num-layers", "1", "--num-heads", "2",
-            "--no-progress", "--no-plot", "--quiet", "--loss-type", "safedpo", "--output-dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "--max-steps",
+        "1",
+        "--max-train-pairs",
+        "16",
+        "--max-eval-pairs",
+        "8",
+        "--batch-size",
+        "8",
+        "--hidden-size",
+        "16",
+        "--intermediate-size",
+        "32",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--no-progress",
+        "--no-plot",
+        "--quiet",
+        "--loss-type",
+        "safedpo",
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["config"]["loss_type"] == "safedpo"
@@ -118,11 +155,42 @@ def _free_port():
 @pytest.mark.slow
 def test_ddp_two_processes_identical_margins(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "catdpo_kernels.cli", "train",
-           "--max-steps", "2", "--max-train-pairs", "64", "--max-eval-pairs", "16", "--batch-size", "8",
-           "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1", "--num-heads", "2",
-           "--eval-every", "0", "--no-progress", "--no-plot", "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "catdpo_kernels.training",
+        "train",
+        "--max-steps",
+        "2",
+        "--max-train-pairs",
+        "64",
+        "--max-eval-pairs",
+        "16",
+        "--batch-size",
+        "8",
+        "--hidden-size",
+        "32",
+        "--intermediate-size",
+        "64",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--no-plot",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+    ]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -145,16 +213,40 @@ def test_catdpo_trainer_two_steps(tmp_path):
     pairs, _ = D.load_pairs(split="train", limit=40)
     tok = D.build_word_tokenizer(D.pair_texts(pairs))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     ds = D.pairs_to_dataset(pairs)
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                     max_steps=2, learning_rate=1e-3, logging_steps=1, save_steps=2, report_to=[], use_cpu=True,
-                     disable_tqdm=True, seed=0)  # fmt: skip
-    trainer = CatDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
-                            processing_class=tok, margin_kwargs=dict(lr=0.5, target=0.1))  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = CatDPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        margin_kwargs=dict(lr=0.5, target=0.1),
+    )
     assert isinstance(trainer.data_collator, CatDPOCollator)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     assert batch["category"].shape == (3, 19) and batch["unsafe"].shape == (6,)
@@ -162,15 +254,14 @@ def test_catdpo_trainer_two_steps(tmp_path):
 
     # The reference is a copy of the policy, so h = 0 for every pair: also with
     # average_log_prob, where TRL's summed reference log-probs must be averaged too.
-    from catdpo_kernels import STAT_COLUMNS
+    from catdpo_kernels import CategoryStats
 
     trainer.average_log_prob = True
     with torch.no_grad():
         trainer.model.eval()
         trainer.compute_loss(trainer.model, batch)
         trainer.model.train()
-    stats, trainer._eval_stats = trainer._eval_stats, None
-    reward_margin = stats[:, STAT_COLUMNS.index("reward_margin_sum")]
+    reward_margin = CategoryStats(trainer.criterion.pop_eval_stats()).reward_margin_sum
     assert reward_margin.abs().max() < 1e-3, reward_margin  # rounding only; a sum-vs-mean mix-up is O(1)
     trainer.average_log_prob = False
     trainer._metrics["eval"].clear()
@@ -184,3 +275,15 @@ def test_catdpo_trainer_two_steps(tmp_path):
     assert any(k.startswith("catdpo/margin/") for k in logs[-1])
     assert logs[-1]["catdpo/margin/Cybercrime"] == pytest.approx(trainer.margins.value[13].item())
     assert (tmp_path / "checkpoint-2" / MARGINS_FILE).is_file()
+
+
+def test_compatibility_paths():
+    import catdpo_kernels.cli
+    import catdpo_kernels.train
+    import catdpo_kernels.training
+    import catdpo_kernels.training.cli
+
+    assert catdpo_kernels.train.TrainConfig is catdpo_kernels.training.TrainConfig
+    assert catdpo_kernels.train.train is catdpo_kernels.training.train
+    assert catdpo_kernels.train.compare is catdpo_kernels.training.compare
+    assert catdpo_kernels.train.main is catdpo_kernels.cli.main is catdpo_kernels.training.cli.main

@@ -1,6 +1,7 @@
 """CUDA-only checks of backend="triton": no host syncs, and the production shape.
 
-(The interpreter tests in test_triton_backend.py also run on CUDA when a GPU is present.)
+(The backend="triton" cases of test_correctness.py, test_triton_kernels.py and test_opcheck.py
+also run on CUDA when a GPU is present.)
 """
 
 import pytest
@@ -76,9 +77,16 @@ def test_production_shape_values_and_memory():
 
         def step():
             out = catdpo_kernels.loss(
-                logits, labels, categories, margins, ref_logits=ref, backend=backend, shift_labels=True,
-                check_inputs=False, inplace_backward=inplace,
-            )  # fmt: skip
+                logits,
+                labels,
+                categories,
+                margins,
+                ref_logits=ref,
+                backend=backend,
+                shift_labels=True,
+                check_inputs=False,
+                inplace_backward=inplace,
+            )
             out.loss.backward()
             return out
 

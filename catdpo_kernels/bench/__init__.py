@@ -6,7 +6,7 @@ Run ``catdpo-bench --help`` or ``python -m catdpo_kernels.bench --help``. Module
 - ``runner``: one variant on one case (warm-up, memory, timings);
 - ``timing``: GPU ``do_bench`` / CPU wall clock, copy bandwidth;
 - ``memory``: peak memory above the start of a call;
-- ``targets``: ratios against the naive baseline, bandwidth, DESIGN.md §5 targets;
+- ``targets``: ratios against the naive baseline, bandwidth, the targets of docs/design.md ("Performance model");
 - ``report``: terminal table, JSON, markdown, plot;
 - ``anchors``: optional Liger-Kernel / Cut Cross-Entropy comparisons;
 - ``env``: device, versions, git commit, date.

@@ -67,7 +67,15 @@ class HiddenInputs:
     margins: torch.Tensor
 
     def nbytes(self) -> int:
-        tensors = (self.hidden, self.weight, self.ref_hidden, self.ref_weight, self.labels, self.categories, self.margins)
+        tensors = (
+            self.hidden,
+            self.weight,
+            self.ref_hidden,
+            self.ref_weight,
+            self.labels,
+            self.categories,
+            self.margins,
+        )
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def logits_bytes(self):
@@ -99,9 +107,15 @@ def _catdpo_lm_head(backend: str, inplace: bool):
         with torch.no_grad():
             ref_logits = inp.ref_hidden @ inp.ref_weight.t()
         out = catdpo_kernels.loss(
-            logits, inp.labels, inp.categories, inp.margins, ref_logits=ref_logits,
-            backend=backend, inplace_backward=inplace, **LOSS_OPTIONS,
-        )  # fmt: skip
+            logits,
+            inp.labels,
+            inp.categories,
+            inp.margins,
+            ref_logits=ref_logits,
+            backend=backend,
+            inplace_backward=inplace,
+            **LOSS_OPTIONS,
+        )
         return out.loss, [inp.hidden, inp.weight]
 
     return forward
@@ -137,7 +151,9 @@ def _cce(device: torch.device):
 
     def sequence_logps(hidden, weight, labels):
         rows, tokens, dim = hidden.shape
-        nll = linear_cross_entropy(hidden.reshape(-1, dim), weight, labels.reshape(-1), ignore_index=-100, reduction="none")
+        nll = linear_cross_entropy(
+            hidden.reshape(-1, dim), weight, labels.reshape(-1), ignore_index=-100, reduction="none"
+        )
         mask = (labels != -100).to(torch.float32)
         return -(nll.view(rows, tokens).float() * mask).sum(-1)
 
@@ -156,11 +172,21 @@ def _cce(device: torch.device):
 def lm_head_variants(device: torch.device) -> list[Variant]:
     fused = "triton" if device.type == "cuda" else "torch"
     return [
-        Variant("lm_head+reference", "reference", lambda: _catdpo_lm_head("reference", False), group="lm_head", baseline=True),
         Variant(
-            "lm_head+catdpo", fused, lambda: _catdpo_lm_head(fused, True), group="lm_head", inplace=True,
+            "lm_head+reference",
+            "reference",
+            lambda: _catdpo_lm_head("reference", False),
+            group="lm_head",
+            baseline=True,
+        ),
+        Variant(
+            "lm_head+catdpo",
+            fused,
+            lambda: _catdpo_lm_head(fused, True),
+            group="lm_head",
+            inplace=True,
             notes=[f"backend={fused}, inplace_backward=True"],
-        ),  # fmt: skip
+        ),
         Variant("liger-fused-linear-dpo", "anchor", lambda: _liger(device), group="lm_head", replay_backward=False),
         Variant("cce-dpo", "anchor", lambda: _cce(device), group="lm_head", replay_backward=False),
     ]

@@ -37,8 +37,8 @@ DTYPES = {
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-# Defaults per device. The first entry is the "must show" point of issue 5 and
-# DESIGN.md §5; the others give the plot a V axis and a T axis.
+# Defaults per device. The first entry is the target shape of docs/design.md
+# ("Performance model"); the others give the plot a V axis and a T axis.
 CPU_DEFAULT_SHAPES = ("8x512x32000", "8x512x4000", "8x64x32000")
 CPU_DEFAULT_DTYPES = ("fp32",)
 GPU_DEFAULT_SHAPES = ("8x2048x128256", "8x2048x32000", "8x512x128256")
@@ -119,7 +119,9 @@ class LogitsInputs:
     margins: torch.Tensor
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.policy, self.ref, self.labels, self.categories, self.margins))
+        return sum(
+            t.numel() * t.element_size() for t in (self.policy, self.ref, self.labels, self.categories, self.margins)
+        )
 
     def logits_bytes(self) -> int:
         return self.policy.numel() * self.policy.element_size()
@@ -210,9 +212,15 @@ def _loss_forward(backend: str, inplace: bool = False) -> ForwardFn:
     def forward(inp: LogitsInputs):
         logits = as_intermediate(inp.policy)
         out = catdpo_kernels.loss(
-            logits, inp.labels, inp.categories, inp.margins, ref_logits=inp.ref,
-            backend=backend, inplace_backward=inplace, **LOSS_OPTIONS,
-        )  # fmt: skip
+            logits,
+            inp.labels,
+            inp.categories,
+            inp.margins,
+            ref_logits=inp.ref,
+            backend=backend,
+            inplace_backward=inplace,
+            **LOSS_OPTIONS,
+        )
         return out.loss, [logits]
 
     return forward
@@ -221,7 +229,9 @@ def _loss_forward(backend: str, inplace: bool = False) -> ForwardFn:
 def _naive_loss(logits, ref, labels, categories, margins):
     import catdpo_kernels
 
-    return catdpo_kernels.loss(logits, labels, categories, margins, ref_logits=ref, backend="reference", **LOSS_OPTIONS).loss
+    return catdpo_kernels.loss(
+        logits, labels, categories, margins, ref_logits=ref, backend="reference", **LOSS_OPTIONS
+    ).loss
 
 
 _COMPILED = {}
@@ -282,14 +292,18 @@ def logits_variants(backends, *, device: torch.device, inplace: bool, triton_con
             for cfg in triton_configs or ["default"]:
                 env = {TRITON_ENV: None if cfg == "default" else cfg}
                 out.append(
-                    Variant(triton_config_label(cfg), "triton", lambda: _loss_forward("triton"), triton_config=cfg, env=env)
+                    Variant(
+                        triton_config_label(cfg), "triton", lambda: _loss_forward("triton"), triton_config=cfg, env=env
+                    )
                 )
             if inplace:
                 cfg = (triton_configs or ["default"])[0]
                 env = {TRITON_ENV: None if cfg == "default" else cfg}
                 label = "triton-inplace" if cfg == "default" else f"triton-inplace[{cfg}]"
                 last.append(
-                    Variant(label, "triton", lambda: _loss_forward("triton", True), inplace=True, triton_config=cfg, env=env)
+                    Variant(
+                        label, "triton", lambda: _loss_forward("triton", True), inplace=True, triton_config=cfg, env=env
+                    )
                 )
         else:
             raise ValueError(f"unknown backend {name!r}; use {', '.join(KNOWN_BACKENDS)}")

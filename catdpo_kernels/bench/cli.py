@@ -26,47 +26,78 @@ DESCRIPTION = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="catdpo-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="catdpo-bench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1],
-    )  # fmt: skip
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available (default)")
+    )
     p.add_argument(
-        "--shapes", action="append", metavar="2BxTxV[,...]",
-        help="cases, e.g. 8x512x32000 (repeatable or comma-separated). Defaults: CPU 8x512x32000,8x512x4000,8x64x32000; "
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available (default)"
+    )
+    p.add_argument(
+        "--shapes",
+        action="append",
+        metavar="2BxTxV[,...]",
+        help="cases, e.g. 8x512x32000 (repeatable or comma-separated). "
+        "Defaults: CPU 8x512x32000,8x512x4000,8x64x32000; "
         "GPU 8x2048x128256,8x2048x32000,8x512x128256",
-    )  # fmt: skip
-    p.add_argument("--dtypes", action="append", metavar="fp32|bf16|fp16[,...]", help="logits dtypes (default: CPU fp32, GPU bf16)")
+    )
     p.add_argument(
-        "--backends", metavar="LIST",
+        "--dtypes", action="append", metavar="fp32|bf16|fp16[,...]", help="logits dtypes (default: CPU fp32, GPU bf16)"
+    )
+    p.add_argument(
+        "--backends",
+        metavar="LIST",
         help="comma-separated from reference, compiled, torch, triton (default: CPU reference,torch,compiled; "
         "GPU reference,triton,compiled,torch). reference is the baseline of every ratio.",
-    )  # fmt: skip
-    p.add_argument("--inplace", action="store_true", help="also run the torch/triton backends with inplace_backward=True")
+    )
     p.add_argument(
-        "--triton-config", action="append", metavar="CFG", dest="triton_configs",
+        "--inplace", action="store_true", help="also run the torch/triton backends with inplace_backward=True"
+    )
+    p.add_argument(
+        "--triton-config",
+        action="append",
+        metavar="CFG",
+        dest="triton_configs",
         help="'default' or e.g. 'BLOCK_V=4096,num_warps=8' (repeatable): one triton row per config, run with "
         "CATDPO_TRITON_CONFIG set to it (benchmark-only override of the kernel launch config)",
-    )  # fmt: skip
+    )
     p.add_argument("--modes", default="fwd_bwd,fwd,bwd", help="which of fwd_bwd, fwd, bwd to time (default: all)")
-    p.add_argument("--repeats", type=int, default=None, help="CPU: timed runs per mode after warm-up (default 3; --quick 1)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="CPU: timed runs per mode after warm-up (default 3; --quick 1)"
+    )
     p.add_argument("--warmup-ms", type=float, default=None, help="GPU: do_bench warm-up time (default 25)")
-    p.add_argument("--rep-ms", type=float, default=None, help="GPU: do_bench measuring time per mode (default 200; --quick 50)")
+    p.add_argument(
+        "--rep-ms", type=float, default=None, help="GPU: do_bench measuring time per mode (default 200; --quick 50)"
+    )
     p.add_argument("--quick", action="store_true", help="only the first (main) shape unless --shapes, 1 repeat / 50 ms")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement (timing only)")
-    p.add_argument("--copy-bandwidth", action="store_true", help="measure the device copy bandwidth once (for %% of copy)")
-    p.add_argument("--copy-gbps", type=float, default=None, help="use this copy bandwidth (GB/s) instead of measuring it")
     p.add_argument(
-        "--anchors", default="auto", choices=("auto", "on", "off"),
+        "--copy-bandwidth", action="store_true", help="measure the device copy bandwidth once (for %% of copy)"
+    )
+    p.add_argument(
+        "--copy-gbps", type=float, default=None, help="use this copy bandwidth (GB/s) instead of measuring it"
+    )
+    p.add_argument(
+        "--anchors",
+        default="auto",
+        choices=("auto", "on", "off"),
         help="Liger-Kernel / Cut Cross-Entropy comparisons from hidden states (auto: on CUDA when one is installed)",
-    )  # fmt: skip
-    p.add_argument("--anchor-hidden", type=int, default=None, help="hidden size D of the anchor group (default: GPU 4096, CPU 256)")
+    )
+    p.add_argument(
+        "--anchor-hidden", type=int, default=None, help="hidden size D of the anchor group (default: GPU 4096, CPU 256)"
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (rewritten after every row)")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown table (rewritten after every row)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against V and T (matplotlib)")
     p.add_argument(
-        "--save-results", nargs="?", const="benchmarks/results", metavar="DIR",
-        help="also write DIR/<device>_<UTC time>.json and .md, named after the device (default DIR: benchmarks/results)",
-    )  # fmt: skip
+        "--save-results",
+        nargs="?",
+        const="benchmarks/results",
+        metavar="DIR",
+        help="also write DIR/<device>_<UTC time>.json and .md, named after the device "
+        "(default DIR: benchmarks/results)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -99,7 +130,9 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------- options
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     on_gpu = device.type == "cuda"
     if not on_gpu and "torch._inductor.config" not in sys.modules:
         # torch.compile's worker pool would start (and import torch in) background processes
@@ -130,7 +163,9 @@ def main(argv=None) -> int:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     rep_ms = args.rep_ms if args.rep_ms is not None else (50 if args.quick else 200)
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (10 if args.quick else 25)
-    settings = Settings(device=device, repeats=repeats, warmup_ms=warmup_ms, rep_ms=rep_ms, memory=not args.no_memory, modes=modes)
+    settings = Settings(
+        device=device, repeats=repeats, warmup_ms=warmup_ms, rep_ms=rep_ms, memory=not args.no_memory, modes=modes
+    )
     variants = C.logits_variants(backends, device=device, inplace=args.inplace, triton_configs=configs)
 
     from . import anchors as A
@@ -202,7 +237,10 @@ def main(argv=None) -> int:
 
     saved = []
     if args.save_results:
-        stem = os.path.join(args.save_results, f"{E.device_slug(meta['device'])}_{meta['date_utc'][:19].replace(':', '').replace('-', '')}")
+        stem = os.path.join(
+            args.save_results,
+            f"{E.device_slug(meta['device'])}_{meta['date_utc'][:19].replace(':', '').replace('-', '')}",
+        )
         saved = [stem + ".json", stem + ".md"]
 
     def flush(final: bool = False) -> None:
@@ -259,14 +297,23 @@ def main(argv=None) -> int:
                 base = {
                     "case": f"{shape} {C.dtype_name(dtype)}",
                     "shape": {"rows": shape.rows, "tokens": shape.tokens, "vocab": shape.vocab},
-                    "shape_str": str(shape), "dtype": C.dtype_name(dtype), "group": "logits",
-                    "_shape": shape, "_dtype": dtype,
-                }  # fmt: skip
+                    "shape_str": str(shape),
+                    "dtype": C.dtype_name(dtype),
+                    "group": "logits",
+                    "_shape": shape,
+                    "_dtype": dtype,
+                }
                 base["input_sets"] = nsets = rotation_sets(2 * shape.numel * dtype.itemsize, device)
-                run_group(variants, lambda: C.make_logits_inputs(shape, dtype, device, sets=nsets, seed=args.seed), base)
+                run_group(
+                    variants, lambda: C.make_logits_inputs(shape, dtype, device, sets=nsets, seed=args.seed), base
+                )
                 if anchor_variants:
                     abase = dict(base, group="lm_head", input_sets=1, hidden_dim=anchor_dim)
-                    run_group(anchor_variants, lambda: [A.make_hidden_inputs(shape, dtype, device, anchor_dim, seed=args.seed)], abase)
+                    run_group(
+                        anchor_variants,
+                        lambda: [A.make_hidden_inputs(shape, dtype, device, anchor_dim, seed=args.seed)],
+                        abase,
+                    )
     except (KeyboardInterrupt, _Interrupted) as exc:
         notes.append(f"interrupted ({exc or 'KeyboardInterrupt'}): partial results")
         status = 130

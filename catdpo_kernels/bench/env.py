@@ -19,9 +19,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Environment variables that change what is measured; recorded when set.
 ENV_KEYS = (
-    "CATDPO_TRITON_CONFIG", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_COMPILE_THREADS",
-    "OMP_NUM_THREADS", "CATDPO_NO_JIT", "CATDPO_DISABLE_EXT",
-)  # fmt: skip
+    "CATDPO_TRITON_CONFIG",
+    "TRITON_INTERPRET",
+    "CUDA_VISIBLE_DEVICES",
+    "TORCHINDUCTOR_COMPILE_THREADS",
+    "OMP_NUM_THREADS",
+    "CATDPO_NO_JIT",
+    "CATDPO_DISABLE_EXT",
+)
 
 
 def _version(dist: str) -> str | None:

@@ -146,7 +146,8 @@ def header_lines(report: dict) -> list[str]:
     lines = [
         f"device:   {meta['device_label']}",
         f"date:     {meta['date_utc']}   git {commit}",
-        f"versions: python {v['python']}, torch {v['torch']}, triton {v.get('triton')}, catdpo_kernels {v.get('catdpo_kernels')}",
+        f"versions: python {v['python']}, torch {v['torch']}, triton {v.get('triton')}, "
+        f"catdpo_kernels {v.get('catdpo_kernels')}",
         f"loss:     {settings['loss']}; timed runs use check_inputs=False (the value checks sync the host)",
         f"timing:   {settings['timing']}",
         f"memory:   {settings['memory']}",
@@ -170,11 +171,13 @@ def format_table(report: dict) -> str:
     lines.append("  ".join(title.ljust(widths[key]) for title, key in cols).rstrip())
     lines.append("  ".join("-" * widths[key] for _, key in cols))
     prev_case = None
-    for r, cells in zip(report["results"], rows):
+    for _, cells in zip(report["results"], rows):
         case_cell = cells["case"] if cells["case"] != prev_case else ""
         prev_case = cells["case"]
         if "bwd" not in cells:
-            lines.append(f"{case_cell.ljust(widths['case'])}  {cells['variant'].ljust(widths['variant'])}  {cells['fwd']}")
+            lines.append(
+                f"{case_cell.ljust(widths['case'])}  {cells['variant'].ljust(widths['variant'])}  {cells['fwd']}"
+            )
             continue
         out = [case_cell.ljust(widths["case"])] + [cells.get(key, "-").ljust(widths[key]) for _, key in cols[1:]]
         lines.append("  ".join(out).rstrip())
@@ -188,12 +191,17 @@ def format_table(report: dict) -> str:
 def legend_lines(report: dict) -> list[str]:
     base = "naive eager (backend=reference) of the same case, same run"
     lines = [
-        f"speed-up = {base} time / variant time (fwd+bwd); mem ratio = variant / naive peak rise, excluding the returned gradient.",
-        "rise = peak memory above the inputs during fwd+bwd (the returned gradient included); rise-grad = rise minus the returned gradient.",
+        f"speed-up = {base} time / variant time (fwd+bwd); "
+        "mem ratio = variant / naive peak rise, excluding the returned gradient.",
+        "rise = peak memory above the inputs during fwd+bwd (the returned gradient included); "
+        "rise-grad = rise minus the returned gradient.",
         "* = derived (fwd+bwd minus fwd): an in-place or compiled backward cannot be replayed on its own.",
     ]
     if show_bandwidth(report):
-        lines.append("GB/s = 4*2B*T*V*elem_size bytes / fwd+bwd time (fwd reads policy+ref, bwd reads policy and writes its gradient).")
+        lines.append(
+            "GB/s = 4*2B*T*V*elem_size bytes / fwd+bwd time "
+            "(fwd reads policy+ref, bwd reads policy and writes its gradient)."
+        )
     return lines
 
 
@@ -201,7 +209,11 @@ def target_lines(report: dict) -> list[str]:
     rows = [r for r in report["results"] if r.get("targets")]
     if not rows:
         return []
-    lines = ["", "DESIGN.md §5 targets (GPU ones are defined at bf16 8x2048x128256 on H100/H200; CPU ones at fp32 8x512x32000):"]
+    lines = [
+        "",
+        "Performance targets of docs/design.md "
+        "(GPU ones are defined at bf16 8x2048x128256 on H100/H200; CPU ones at fp32 8x512x32000):",
+    ]
     for r in rows:
         parts = [f"{t['text']}: {fmt_value(t['metric'], t['value'])} {verdict(t['ok'])}" for t in r["targets"]]
         mark = " (design shape)" if any(t["at_design_shape"] for t in r["targets"]) else ""
@@ -232,11 +244,18 @@ def format_markdown(report: dict) -> str:
     lines += [""] + legend_lines(report)
     rows = [r for r in report["results"] if r.get("targets")]
     if rows:
-        lines += ["", "## DESIGN.md §5 targets", "", "| case | variant | target | measured | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Performance targets (docs/design.md)",
+            "",
+            "| case | variant | target | measured | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows:
             for t in r["targets"]:
                 case = r["case"] + (" (design shape)" if t["at_design_shape"] else "")
-                lines.append(f"| {case} | {r['label']} | {t['text']} | {fmt_value(t['metric'], t['value'])} | {verdict(t['ok'])} |")
+                value = fmt_value(t["metric"], t["value"])
+                lines.append(f"| {case} | {r['label']} | {t['text']} | {value} | {verdict(t['ok'])} |")
     notes = report.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -265,7 +284,9 @@ def write_plot(report: dict, path) -> str | None:
     ok = [r for r in ok if r["dtype"] == dtype]
     first = ok[0]["shape"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    for col, (axis, fixed, fixed_key) in enumerate((("vocab", first["tokens"], "tokens"), ("tokens", first["vocab"], "vocab"))):
+    for col, (axis, fixed, fixed_key) in enumerate(
+        (("vocab", first["tokens"], "tokens"), ("tokens", first["vocab"], "vocab"))
+    ):
         rows_fixed = first["rows"]
         sel = [r for r in ok if r["shape"][fixed_key] == fixed and r["shape"]["rows"] == rows_fixed]
         for label in dict.fromkeys(r["label"] for r in sel):
@@ -291,7 +312,9 @@ def write_plot(report: dict, path) -> str | None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     meta = report["meta"]
-    fig.suptitle(f"catdpo-bench: {meta['device_label']}\n{meta['date_utc']}, torch {meta['versions']['torch']}", fontsize=10)
+    fig.suptitle(
+        f"catdpo-bench: {meta['device_label']}\n{meta['date_utc']}, torch {meta['versions']['torch']}", fontsize=10
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,6 @@ from .cases import Skip, Variant, scoped_env, skip_reason
 from .memory import peak_above_start, tensor_bytes
 from .timing import derived_timing, synchronize, time_cpu, time_gpu
 
-
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
@@ -77,7 +76,9 @@ def blank_result(variant: Variant, base: dict, *, status: str = "ok", note: str 
     """A result row with no measurements yet (or ever, for a skipped/oom row)."""
     result = dict(base, label=variant.label, kind=variant.kind, inplace=variant.inplace, baseline=variant.baseline)
     notes = list(variant.notes) + ([note] if note else [])
-    result.update(triton_config=variant.triton_config, status=status, note="; ".join(notes) or None, time_ms={}, memory={})
+    result.update(
+        triton_config=variant.triton_config, status=status, note="; ".join(notes) or None, time_ms={}, memory={}
+    )
     return result
 
 
@@ -103,7 +104,9 @@ def run_variant(variant: Variant, inputs: list, base: dict, settings: Settings) 
     except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the sweep
         tb = traceback.format_exc(limit=3).strip().splitlines()
         where = tb[-3].strip() if len(tb) >= 3 else ""
-        result.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''} ({where})")
+        result.update(
+            status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''} ({where})"
+        )
         result.update(time_ms={}, memory={})
     finally:
         _cleanup(device)
@@ -125,7 +128,9 @@ def _measure(variant: Variant, inputs: list, result: dict, settings: Settings) -
         grads, targets = _fwd_bwd(forward, first)
     except Exception as exc:
         if variant.kind == "compiled":
-            raise Skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
+            raise Skip(
+                f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            ) from exc
         raise
     grad_bytes = _grad_bytes(grads, targets)
     del grads, targets
@@ -147,7 +152,9 @@ def _measure(variant: Variant, inputs: list, result: dict, settings: Settings) -
             fwd_bwd_rise_bytes=rise,
             fwd_bwd_rise_excl_grad_bytes=max(rise - grad_bytes, 0),
             peak_bytes=mem["input_bytes"] + rise,
-            method="CUDA caching-allocator peak counter" if device.type == "cuda" else "torch.profiler [memory] events replayed",
+            method="CUDA caching-allocator peak counter"
+            if device.type == "cuda"
+            else "torch.profiler [memory] events replayed",
         )
     result["memory"] = mem
 
@@ -177,5 +184,7 @@ def _measure(variant: Variant, inputs: list, result: dict, settings: Settings) -
     if "bwd" in settings.modes and "bwd" not in times and "fwd_bwd" in times and "fwd" in times:
         times["bwd"] = derived_timing(times["fwd_bwd"], times["fwd"])
         if replay_error:
-            result["note"] = "; ".join(filter(None, [result.get("note"), f"bwd derived: replay failed ({replay_error})"]))
+            result["note"] = "; ".join(
+                filter(None, [result.get("note"), f"bwd derived: replay failed ({replay_error})"])
+            )
     result["time_ms"] = {m: times[m].to_dict() for m in ("fwd", "bwd", "fwd_bwd") if m in times}

@@ -2,7 +2,7 @@
 
     python -m catdpo_kernels.bench.summary bench.json [configs.json ...] [--out summary.md]
 
-For each file: the device and date, the rows of the main case (the DESIGN.md §5
+For each file: the device and date, the rows of the main case (the docs/design.md
 shape for that device when the run has it, else the first case) with their
 ratios against the naive row of that same run, the §5 verdicts, and for runs
 with several triton configs the configs ranked by fwd+bwd time. Used by
@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 
 from .report import fmt_ms, fmt_ratio, fmt_value, fmt_x, verdict
-from .targets import DESIGN_SHAPE
+from .targets import TARGET_SHAPE
 
 
 def main_case(data: dict) -> str | None:
     cases = [r["case"] for r in data.get("results", []) if r.get("group") == "logits"]
     if not cases:
         return None
-    design = DESIGN_SHAPE.get(data["meta"]["device"]["type"])
+    design = TARGET_SHAPE.get(data["meta"]["device"]["type"])
     wanted = f"{design[0]} {design[1]}" if design else None
     return wanted if wanted in cases else cases[0]
 
@@ -32,7 +32,11 @@ def main_case(data: dict) -> str | None:
 def digest(data: dict, name: str = "") -> list[str]:
     meta = data["meta"]
     commit = (meta.get("git", {}).get("commit") or "unknown")[:12]
-    lines = [f"### {name or 'catdpo-bench'}: {meta['device_label']}", "", f"{meta['date_utc']}, git {commit}, torch {meta['versions']['torch']}, triton {meta['versions'].get('triton')}"]
+    lines = [
+        f"### {name or 'catdpo-bench'}: {meta['device_label']}",
+        "",
+        f"{meta['date_utc']}, git {commit}, torch {meta['versions']['torch']}, triton {meta['versions'].get('triton')}",
+    ]
     case = main_case(data)
     if case is None:
         return lines + ["", "no results"]
@@ -59,15 +63,25 @@ def digest(data: dict, name: str = "") -> list[str]:
         )
     verdicts = [(r["label"], t) for r in rows for t in r.get("targets") or []]
     if verdicts:
-        lines += ["", "DESIGN.md §5 targets:"]
-        lines += [f"- {label}: {t['text']}: {fmt_value(t['metric'], t['value'])} **{verdict(t['ok'])}**" for label, t in verdicts]
-    triton = [r for r in rows if r["kind"] == "triton" and not r.get("inplace") and r["status"] == "ok" and r["time_ms"].get("fwd_bwd")]
+        lines += ["", "Performance targets (docs/design.md):"]
+        lines += [
+            f"- {label}: {t['text']}: {fmt_value(t['metric'], t['value'])} **{verdict(t['ok'])}**"
+            for label, t in verdicts
+        ]
+    triton = [
+        r
+        for r in rows
+        if r["kind"] == "triton" and not r.get("inplace") and r["status"] == "ok" and r["time_ms"].get("fwd_bwd")
+    ]
     if len(triton) > 1:
         triton.sort(key=lambda r: r["time_ms"]["fwd_bwd"]["median_ms"])
         lines += ["", "triton configs by fwd+bwd time:"]
         for r in triton:
             eff = r.get("effective_triton_config") or {}
-            lines.append(f"- {r['label']} (BLOCK_V={eff.get('BLOCK_V')}, num_warps={eff.get('num_warps')}): {fmt_ms(r['time_ms']['fwd_bwd'])} ms")
+            lines.append(
+                f"- {r['label']} (BLOCK_V={eff.get('BLOCK_V')}, num_warps={eff.get('num_warps')}): "
+                f"{fmt_ms(r['time_ms']['fwd_bwd'])} ms"
+            )
     notes = data.get("notes") or []
     if notes:
         lines += ["", "notes: " + " | ".join(notes)]

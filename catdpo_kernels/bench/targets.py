@@ -1,4 +1,4 @@
-"""Ratios against the naive baseline of the same run, bandwidth, and the DESIGN.md §5 targets.
+"""Ratios against the naive baseline of the same run, bandwidth, and the performance targets.
 
 Every ratio compares two rows of one case (same shape, dtype, input group) from
 one run: ``speedup = naive time / variant time`` and
@@ -11,16 +11,30 @@ every method has to produce it.
 
 from __future__ import annotations
 
-# DESIGN.md §5. The GPU figures are defined at bf16, 2B=8, T=2048, V=128256 on an
+# docs/design.md, "Performance model". The GPU figures are defined at bf16, 2B=8, T=2048, V=128256 on an
 # H100/H200; the tool shows them next to every row they apply to.
-DESIGN_SHAPE = {"cuda": ("8x2048x128256", "bf16"), "cpu": ("8x512x32000", "fp32")}
+TARGET_SHAPE = {"cuda": ("8x2048x128256", "bf16"), "cpu": ("8x512x32000", "fp32")}
 
 TARGETS = (
     # id, applies to (device type, variant kind or "*", inplace only), metric, op, threshold, text
     ("speedup_vs_naive", ("cuda", "triton", False), "speedup_fwd_bwd", ">=", 4.0, "fwd+bwd vs naive eager >= 4x"),
-    ("speedup_vs_compiled", ("cuda", "triton", False), "speedup_vs_compiled_fwd_bwd", ">=", 2.0, "fwd+bwd vs compiled naive >= 2x"),
+    (
+        "speedup_vs_compiled",
+        ("cuda", "triton", False),
+        "speedup_vs_compiled_fwd_bwd",
+        ">=",
+        2.0,
+        "fwd+bwd vs compiled naive >= 2x",
+    ),
     ("bandwidth", ("cuda", "triton", False), "pct_of_copy_fwd_bwd", ">=", 70.0, "bandwidth >= 70% of copy"),
-    ("memory_vs_naive", ("cuda", "triton", False), "memory_ratio_excl_grad", "<=", 0.02, "peak above inputs <= 2% of naive"),
+    (
+        "memory_vs_naive",
+        ("cuda", "triton", False),
+        "memory_ratio_excl_grad",
+        "<=",
+        0.02,
+        "peak above inputs <= 2% of naive",
+    ),
     ("inplace_no_alloc", ("*", "*", True), "rise_fraction_of_logits", "<", 0.01, "inplace: no (2B,T,V) allocation"),
     ("cpu_memory", ("cpu", "torch", False), "memory_ratio_excl_grad", "<=", 0.1, "memory (excl. grad) <= 0.1x naive"),
     ("cpu_time", ("cpu", "torch", False), "time_ratio_fwd_bwd", "<=", 1.0, "fwd+bwd time <= 1.0x naive"),
@@ -45,7 +59,7 @@ def _div(a, b):
 
 
 def traffic_bytes(result: dict) -> dict:
-    """Minimal HBM traffic of each mode (DESIGN.md §5): fwd reads policy + ref logits once,
+    """Minimal HBM traffic of each mode (docs/design.md, "Performance model"): fwd reads policy + ref logits once,
     bwd reads the policy logits again and writes their gradient."""
     mem = result.get("memory") or {}
     logits = mem.get("logits_bytes")
@@ -80,7 +94,9 @@ def _ratios(r: dict, base: dict | None, compiled: dict | None) -> dict:
         _div(_median(compiled, "fwd_bwd"), _median(r, "fwd_bwd")) if compiled and compiled is not r else None
     )
     mem, base_mem = r.get("memory") or {}, (base or {}).get("memory") or {}
-    out["memory_ratio_excl_grad"] = _div(mem.get("fwd_bwd_rise_excl_grad_bytes"), base_mem.get("fwd_bwd_rise_excl_grad_bytes"))
+    out["memory_ratio_excl_grad"] = _div(
+        mem.get("fwd_bwd_rise_excl_grad_bytes"), base_mem.get("fwd_bwd_rise_excl_grad_bytes")
+    )
     out["memory_ratio"] = _div(mem.get("fwd_bwd_rise_bytes"), base_mem.get("fwd_bwd_rise_bytes"))
     out["forward_memory_ratio"] = _div(mem.get("fwd_rise_bytes"), base_mem.get("fwd_rise_bytes"))
     out["rise_fraction_of_logits"] = _div(mem.get("fwd_bwd_rise_bytes"), mem.get("logits_bytes"))
@@ -119,7 +135,7 @@ def _applies(spec: tuple, r: dict, device_type: str) -> bool:
 
 def _targets(r: dict, device_type: str) -> list[dict]:
     out = []
-    design_shape = DESIGN_SHAPE.get(device_type)
+    target_shape = TARGET_SHAPE.get(device_type)
     for tid, spec, metric, op, threshold, text in TARGETS:
         if not _applies(spec, r, device_type):
             continue
@@ -136,7 +152,7 @@ def _targets(r: dict, device_type: str) -> list[dict]:
                 "threshold": threshold,
                 "value": value,
                 "ok": ok,
-                "at_design_shape": design_shape == (r["shape_str"], r["dtype"]),
+                "at_design_shape": target_shape == (r["shape_str"], r["dtype"]),
             }
         )
     return out

@@ -12,15 +12,18 @@ What changes relative to ``trl.DPOTrainer``:
   builds such a data set from PKU-SafeRLHF rows;
 * the collator (:class:`CatDPOCollator`) wraps TRL's and adds ``category`` and
   ``unsafe`` tensors in the row convention (``unsafe`` is ``(2B,)``, chosen rows first);
-* ``compute_loss`` runs the policy forward for logits and calls
-  ``catdpo_kernels.loss(..., shift_labels=True)``; the reference log-probs come
-  from TRL (``ref_model``, the PEFT adapter switch, or ``precompute_ref_log_probs``);
-* the trainer owns a :class:`~catdpo_kernels.CategoryMargins`: the category stats
-  of every training micro-batch are summed and fed to ``margins.update`` once per
-  optimiser step (``on_step_end``), which all-reduces them across ranks;
+* ``compute_loss`` runs the policy forward for logits and calls the trainer's
+  :class:`~catdpo_kernels.CatDPOLoss` (``trainer.criterion``, ``shift_labels=True``);
+  the reference log-probs come from TRL (``ref_model``, the PEFT adapter switch,
+  or ``precompute_ref_log_probs``);
+* the criterion owns the :class:`~catdpo_kernels.CategoryMargins` (``trainer.margins``)
+  and sums the category stats of every training micro-batch;
+  ``criterion.update_margins()`` feeds them to the margins once per optimiser step
+  (``on_step_end``), all-reduced across ranks. Evaluation calls go to the
+  criterion's evaluation sum and never move the margins;
 * the value checks of ``catdpo_kernels.loss`` (a host sync) run on the first batch
   only; a later out-of-range label or category shows as a NaN loss, which
-  ``margins.update`` then refuses ("stats must be finite");
+  ``CategoryMargins.update`` then refuses ("stats must be finite");
 * per-category metrics (``catdpo/margin/<name>``, ``catdpo/unsafe_rate/<name>``,
   and ``eval_catdpo/unsafe_rate/<name>`` after an evaluation) go to the logs; the
   margins are saved with every checkpoint (``catdpo_margins.pt``) and restored
@@ -29,6 +32,7 @@ What changes relative to ``trl.DPOTrainer``:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,12 +44,13 @@ try:
     from trl import DPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "catdpo_kernels.integrations.trl needs TRL 1.x: pip install \"catdpo_kernels[trl]\" (trl>=1.16,<2)"
+        'catdpo_kernels.integrations.trl needs TRL 1.x: pip install "catdpo_kernels[trl]" (trl>=1.16,<2)'
     ) from e
 
-from ..constants import LOSS_TYPES, STAT_INDEX
-from ..loss import loss as catdpo_loss
+from ..constants import LOSS_TYPES
 from ..margins import CategoryMargins
+from ..modules import CatDPOLoss
+from ..stats import CategoryStats
 
 MARGINS_FILE = "catdpo_margins.pt"
 _TRL_INPUT_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -79,12 +84,14 @@ class _MarginUpdateCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._update_margins()
+        criterion = self.trainer.criterion
+        if criterion.pending_stats is not None:
+            criterion.update_margins()  # all-reduces across ranks
         return control
 
 
 class CatDPOTrainer(DPOTrainer):
-    """``trl.DPOTrainer`` whose loss is ``catdpo_kernels.loss``.
+    """``trl.DPOTrainer`` whose loss is a ``catdpo_kernels.CatDPOLoss`` (``self.criterion``).
 
     Args (on top of ``DPOTrainer``'s; ``args.beta`` is the β):
         margins: the ``CategoryMargins`` to own. Default: ``CategoryMargins(num_categories,
@@ -96,6 +103,9 @@ class CatDPOTrainer(DPOTrainer):
         backend: ``catdpo_kernels`` backend (``auto``: Triton on CUDA, torch elsewhere).
         average_log_prob, reduction: passed to ``catdpo_kernels.loss``.
         margin_kwargs: ``CategoryMargins`` options (``init``, ``lr``, ``target``, ...).
+
+    ``trainer.criterion`` is built once ``DPOTrainer`` has set ``self.beta``;
+    ``trainer.margins`` is ``trainer.criterion.margins``.
     """
 
     _tag_names = ["trl", "dpo", "catdpo"]
@@ -125,20 +135,40 @@ class CatDPOTrainer(DPOTrainer):
                 margins = CategoryMargins(c, names=category_names, **(margin_kwargs or {}))
         elif margin_kwargs:
             raise TypeError("pass either margins= or margin_kwargs=, not both")
-        self.margins = margins
         self.catdpo_loss_type = catdpo_loss_type
         self.safedpo_margin = float(safedpo_margin)
-        self.catdpo_backend = backend
-        self.average_log_prob = average_log_prob
-        self.catdpo_reduction = reduction
-        self._pending_stats: torch.Tensor | None = None
-        self._eval_stats: torch.Tensor | None = None
-        self._checked_inputs = False
         super().__init__(*args, **kwargs)
+        self.criterion = CatDPOLoss(
+            margins=margins,
+            beta=self.beta,
+            loss_type=catdpo_loss_type,
+            margin=self.safedpo_margin if catdpo_loss_type == "safedpo" else 0.0,
+            shift_labels=True,
+            average_log_prob=average_log_prob,
+            reduction=reduction,
+            backend=backend,
+            check_inputs=True,
+        ).to(self.accelerator.device)
         if not isinstance(self.data_collator, CatDPOCollator):
             self.data_collator = CatDPOCollator(self.data_collator)
-        self.margins.to(self.accelerator.device)
         self.add_callback(_MarginUpdateCallback(self))
+
+    @property
+    def margins(self) -> CategoryMargins:
+        """The criterion's ``CategoryMargins``."""
+        return self.criterion.margins
+
+    @property
+    def average_log_prob(self) -> bool:
+        return self.criterion.options.average_log_prob
+
+    @average_log_prob.setter
+    def average_log_prob(self, value: bool) -> None:
+        self._set_loss_options(average_log_prob=bool(value))
+
+    def _set_loss_options(self, **changes) -> None:
+        """Change options of the criterion's (frozen) ``LossOptions``."""
+        self.criterion.options = dataclasses.replace(self.criterion.options, **changes)
 
     # ----------------------------------------------------------------- columns
     def _set_signature_columns_if_needed(self):
@@ -173,19 +203,11 @@ class CatDPOTrainer(DPOTrainer):
                 "CatDPOTrainer needs a 'category' column (int id in [-1, C) or a multi-hot list of C bools); "
                 "catdpo_kernels.data.pairs_to_dataset builds one from PKU-SafeRLHF rows"
             )
-        out = catdpo_loss(
-            logits, labels, categories, self.margins if self.catdpo_loss_type == "catdpo" else None,
-            ref_logps=ref_logps, unsafe=inputs.get("unsafe"), beta=self.beta, loss_type=self.catdpo_loss_type,
-            margin=self.safedpo_margin if self.catdpo_loss_type == "safedpo" else 0.0, shift_labels=True,
-            average_log_prob=self.average_log_prob, reduction=self.catdpo_reduction, backend=self.catdpo_backend,
-            check_inputs=not self._checked_inputs, num_categories=len(self.margins),
-        )  # fmt: skip
-        self._checked_inputs = True
-        stats = out.category_stats.detach()
-        if mode == "train":
-            self._pending_stats = stats.clone() if self._pending_stats is None else self._pending_stats + stats
-        else:
-            self._eval_stats = stats.clone() if self._eval_stats is None else self._eval_stats + stats
+        # Training calls add their stats to the step's sum, evaluation calls to the evaluation sum.
+        self.criterion.train(mode == "train")
+        out = self.criterion(logits, labels, categories, ref_logps=ref_logps, unsafe=inputs.get("unsafe"))
+        if self.criterion.options.check_inputs:  # the first call checked the values; the rest only shapes
+            self._set_loss_options(check_inputs=False)
         self._log_pair_metrics(mode, out)
         return (out.loss, outputs) if return_outputs else out.loss
 
@@ -203,13 +225,6 @@ class CatDPOTrainer(DPOTrainer):
         m["logps/rejected"].append(gather(policy[b:]).mean().item())
 
     # ----------------------------------------------------------------- margins
-    def _update_margins(self) -> None:
-        """Once per optimiser step: the summed stats of its micro-batches -> ``margins.update``
-        (which all-reduces them across ranks)."""
-        stats, self._pending_stats = self._pending_stats, None
-        if stats is not None:
-            self.margins.update(stats)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         if mode == "train" and self.margins.history:
@@ -218,15 +233,22 @@ class CatDPOTrainer(DPOTrainer):
                 logs[f"catdpo/margin/{name}"] = float(self.margins.value[c])
                 if seen[c]:  # a category no batch has held yet has no rate
                     logs[f"catdpo/unsafe_rate/{name}"] = float(self.margins.rate[c])
-        elif mode == "eval" and self._eval_stats is not None:
-            table = self.accelerator.reduce(self._eval_stats.to(self.accelerator.device), reduction="sum").cpu()
-            self._eval_stats = None
-            for c, name in enumerate(self.margins.names):
-                n = table[c, STAT_INDEX["count"]].item()
-                if n > 0:
-                    logs[f"eval_catdpo/unsafe_rate/{name}"] = 1.0 - table[c, STAT_INDEX["reward_acc"]].item() / n
-                    logs[f"eval_catdpo/soft_unsafe/{name}"] = table[c, STAT_INDEX["unsafe_pref_sum"]].item() / n
+        elif mode == "eval":
+            table = self.criterion.pop_eval_stats()  # the evaluation sum since the last eval log
+            if table is not None:
+                self._log_eval_stats(logs, table)
         super().log(logs, start_time)
+
+    def _log_eval_stats(self, logs: dict[str, float], table: torch.Tensor) -> None:
+        """The evaluation's per-category unsafe rates (``hard``: mean 1[h <= 0]; ``soft``), summed over ranks."""
+        table = self.accelerator.reduce(table.to(self.accelerator.device), reduction="sum")
+        stats = CategoryStats(table.double().cpu())
+        count = stats.count.tolist()
+        hard, soft = stats.unsafe_rate("hard").tolist(), stats.unsafe_rate("soft").tolist()
+        for c, name in enumerate(self.margins.names):
+            if count[c] > 0:
+                logs[f"eval_catdpo/unsafe_rate/{name}"] = hard[c]
+                logs[f"eval_catdpo/soft_unsafe/{name}"] = soft[c]
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
@@ -234,7 +256,9 @@ class CatDPOTrainer(DPOTrainer):
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             os.makedirs(folder, exist_ok=True)
             torch.save(self.margins.state_dict(), os.path.join(folder, MARGINS_FILE))
 

@@ -3,28 +3,42 @@
 import triton
 import triton.language as tl
 
-# loss_type codes (constexpr)
-DPO, IPO, SAFEDPO, CATDPO = 0, 1, 2, 3
-LOSS_CODES = {"dpo": DPO, "ipo": IPO, "safedpo": SAFEDPO, "catdpo": CATDPO}
+from ..loss_types import FAMILIES
+
+# Family codes the kernel branches on (constexpr), in catdpo_kernels.loss_types order.
+SIGMOID = tl.constexpr(FAMILIES.index("sigmoid"))
+IPO = tl.constexpr(FAMILIES.index("ipo"))
+
+
+@triton.jit
+def _sigmoid_terms(z, beta):
+    """``softplus(−z)`` and ``∂ℓ/∂h = −β·σ(−z)``, stable at any ``|z|``."""
+    # softplus(−z) = max(−z, 0) + log1p(e^{−|z|}); log1p compensated by hand
+    # (accurate where 1 + e rounds, at large |z|) since the interpreter has no log1p.
+    e = tl.exp(-tl.abs(z))
+    u = 1.0 + e
+    log1p_e = tl.where(u == 1.0, e, tl.log(u) - ((u - 1.0) - e) / u)
+    loss = tl.maximum(-z, 0.0) + log1p_e
+    sig_neg_z = tl.where(z >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+    return loss, -beta * sig_neg_z
 
 
 @triton.jit
 def pair_terms_kernel(
     policy_ptr,
     ref_ptr,
-    cat_ptr,
-    unsafe_ptr,
-    margins_ptr,
+    rows_ptr,
+    member_ptr,
+    table_ptr,
+    signs_ptr,
     loss_ptr,
     dldh_ptr,
     stats_ptr,
     B,
-    C,
+    NUM_ROWS,
     beta,
-    margin,
-    LOSS: tl.constexpr,
-    CAT_MODE: tl.constexpr,  # 0: no categories, 1: (B,) ids, 2: (B, C) multi-hot
-    HAS_UNSAFE: tl.constexpr,
+    FAMILY: tl.constexpr,
+    MULTI_HOT: tl.constexpr,  # False: rows_ptr holds one stats row per pair; True: member_ptr is (B, NUM_ROWS)
     NUM_STATS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -32,71 +46,41 @@ def pair_terms_kernel(
     pid = tl.program_id(0)
     i = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     live = i < B
-    pw = tl.load(policy_ptr + i, mask=live, other=0.0).to(tl.float32)
-    pl = tl.load(policy_ptr + B + i, mask=live, other=0.0).to(tl.float32)
-    rw = tl.load(ref_ptr + i, mask=live, other=0.0).to(tl.float32)
-    rl = tl.load(ref_ptr + B + i, mask=live, other=0.0).to(tl.float32)
+    pw = tl.load(policy_ptr + i, mask=live, other=0.0)
+    pl = tl.load(policy_ptr + B + i, mask=live, other=0.0)
+    rw = tl.load(ref_ptr + i, mask=live, other=0.0)
+    rl = tl.load(ref_ptr + B + i, mask=live, other=0.0)
     h = (pw - rw) - (pl - rl)
 
-    # Δ per pair and whether the pair has a category (s = 1 when no flags are given).
-    has_cat = tl.zeros([BLOCK_B], dtype=tl.int1)
-    delta = tl.zeros([BLOCK_B], dtype=tl.float32)
-    if CAT_MODE == 1:
-        c = tl.load(cat_ptr + i, mask=live, other=-1).to(tl.int64)
-        has_cat = c >= 0
-        in_range = has_cat & (c < C)
-        # An id outside [-1, C) (checks off) poisons the pair, whatever the loss
-        # type, instead of reading out of bounds or passing as a plausible number.
-        invalid = (c < -1) | (c >= C)
-        if LOSS == 3:
-            delta = tl.load(margins_ptr + tl.where(in_range, c, 0), mask=live & in_range, other=0.0).to(tl.float32)
-    elif CAT_MODE == 2:
-        best = tl.full([BLOCK_B], -float("inf"), dtype=tl.float32)
-        any_set = tl.zeros([BLOCK_B], dtype=tl.int32)
+    # Δ per pair: the margin table indexed by the pair's row(s). Rows were made
+    # in-bounds by the canonicalisation (the invalid row holds NaN).
+    if MULTI_HOT:
+        delta = tl.full([BLOCK_B], -float("inf"), dtype=tl.float32)
         cols = tl.arange(0, BLOCK_C)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(0, NUM_ROWS, BLOCK_C):
             cc = c0 + cols
-            m2 = live[:, None] & (cc < C)[None, :]
-            flags = tl.load(cat_ptr + i[:, None].to(tl.int64) * C + cc[None, :], mask=m2, other=0) != 0
-            any_set = tl.maximum(any_set, tl.max(flags.to(tl.int32), axis=1))
-            if LOSS == 3:
-                d = tl.load(margins_ptr + cc, mask=cc < C, other=0.0).to(tl.float32)
-                cand = tl.where(flags, d[None, :], -float("inf"))
-                best = tl.maximum(best, tl.max(cand, axis=1))
-        has_cat = any_set > 0
-        if LOSS == 3:
-            delta = tl.where(has_cat, best, 0.0)
-    if LOSS == 2:
-        delta = tl.zeros([BLOCK_B], dtype=tl.float32) + margin
-
-    if HAS_UNSAFE:
-        hw = tl.load(unsafe_ptr + i, mask=live, other=0.0).to(tl.float32)
-        hl = tl.load(unsafe_ptr + B + i, mask=live, other=0.0).to(tl.float32)
-        s = hl - hw
+            m2 = live[:, None] & (cc < NUM_ROWS)[None, :]
+            flags = tl.load(member_ptr + i[:, None].to(tl.int64) * NUM_ROWS + cc[None, :], mask=m2, other=0) != 0
+            d = tl.load(table_ptr + cc, mask=cc < NUM_ROWS, other=0.0)
+            delta = tl.maximum(delta, tl.max(tl.where(flags, d[None, :], -float("inf")), axis=1))
+        delta = tl.where(live, delta, 0.0)  # lanes past the last pair never computed 0·(−inf)
     else:
-        s = has_cat.to(tl.float32)
-    if LOSS <= 1:
-        z = beta * h
-    else:
-        z = beta * h - s * delta
+        r = tl.load(rows_ptr + i, mask=live, other=0)
+        delta = tl.load(table_ptr + r, mask=live, other=0.0)
+    s = tl.load(signs_ptr + i, mask=live, other=0.0)
+    z = beta * h - s * delta
 
-    if LOSS == 1:
+    if FAMILY == IPO:
         d_h = h - 1.0 / (2.0 * beta)
         loss = d_h * d_h
         dldh = 2.0 * d_h
     else:
-        # softplus(−z) = max(−z, 0) + log1p(e^{−|z|}); log1p compensated by hand
-        # (accurate where 1 + e rounds, at large |z|) since the interpreter has no log1p.
-        e = tl.exp(-tl.abs(z))
-        u = 1.0 + e
-        log1p_e = tl.where(u == 1.0, e, tl.log(u) - ((u - 1.0) - e) / u)
-        loss = tl.maximum(-z, 0.0) + log1p_e
-        sig_neg_z = tl.where(z >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # σ(−z)
-        dldh = -beta * sig_neg_z
+        loss, dldh = _sigmoid_terms(z, beta)
 
-    if CAT_MODE == 1:
-        loss = tl.where(invalid, float("nan"), loss)
-        dldh = tl.where(invalid, float("nan"), dldh)
+    # An invalid category id or unsafe flag (checks off) poisons the pair, whatever the family.
+    poison = (delta != delta) | (s != s)
+    loss = tl.where(poison, float("nan"), loss)
+    dldh = tl.where(poison, float("nan"), dldh)
 
     bh = beta * h
     e_bh = tl.exp(-tl.abs(bh))

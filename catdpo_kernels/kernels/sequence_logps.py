@@ -59,7 +59,7 @@ def token_logps_kernel(
     ref_ptr,
     labels_ptr,
     token_logp_ptr,
-    lse_ptr,
+    max_logsum_ptr,
     T_eff,
     V,
     stride_pr,
@@ -77,7 +77,7 @@ def token_logps_kernel(
 
     Writes ``token_logp[side, row, t]`` (0 for ignored tokens, NaN for labels
     outside ``[0, V)``) and, for the policy, the fp32 ``(max, log-sum)`` of every
-    token into ``lse[0]`` and ``lse[1]`` (each ``(2B, T')``) for the backward.
+    token into ``max_logsum[0]`` and ``max_logsum[1]`` (each ``(2B, T')``) for the backward.
     """
     tok = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
@@ -92,8 +92,8 @@ def token_logps_kernel(
     target = 0.0
     if side == 0:
         m, logsum, target = _score_token(policy_ptr, stride_pr, stride_pt, row, t, label, is_counted, V, BLOCK_V)
-        tl.store(lse_ptr + tok, m)
-        tl.store(lse_ptr + n_tokens + tok, logsum)
+        tl.store(max_logsum_ptr + tok, m)
+        tl.store(max_logsum_ptr + n_tokens + tok, logsum)
     elif HAS_REF:
         m, logsum, target = _score_token(ref_ptr, stride_rr, stride_rt, row, t, label, is_counted, V, BLOCK_V)
     logp = tl.where(is_counted, (target - m) - logsum, 0.0)
@@ -143,7 +143,7 @@ def logits_grad_kernel(
     logits_ptr,
     grad_ptr,
     labels_ptr,
-    lse_ptr,
+    max_logsum_ptr,
     g_seq_ptr,
     counts_ptr,
     T,
@@ -170,15 +170,17 @@ def logits_grad_kernel(
     row = pos // T
     t = pos % T
     in_seq = t < T_eff
-    label = tl.load(labels_ptr + row * stride_lr + (t + SHIFT) * stride_lt, mask=in_seq, other=ignore_index).to(tl.int64)
+    label = tl.load(labels_ptr + row * stride_lr + (t + SHIFT) * stride_lt, mask=in_seq, other=ignore_index).to(
+        tl.int64
+    )
     is_counted = in_seq & (label != ignore_index)
     g = tl.load(g_seq_ptr + row).to(tl.float32)
     if AVERAGE:
         g = g / tl.maximum(tl.load(counts_ptr + row), 1).to(tl.float32)
     g = tl.where(is_counted, g, 0.0)
     n_tokens = tl.num_programs(0).to(tl.int64) // T * T_eff
-    m = tl.load(lse_ptr + row * T_eff + t, mask=is_counted, other=0.0)
-    logsum = tl.load(lse_ptr + n_tokens + row * T_eff + t, mask=is_counted, other=0.0)
+    m = tl.load(max_logsum_ptr + row * T_eff + t, mask=is_counted, other=0.0)
+    logsum = tl.load(max_logsum_ptr + n_tokens + row * T_eff + t, mask=is_counted, other=0.0)
     x_base = logits_ptr + row * stride_xr + t * stride_xt
     g_base = grad_ptr + row * stride_gr + t * stride_gt
     cols = tl.arange(0, BLOCK_V)

@@ -9,9 +9,12 @@ repeated runs are bitwise identical, and a non-finite value only reaches the row
 its pair belongs to.
 
 The compiled ``torch.ops.catdpo.segment_reduce`` (``csrc/``, loaded by
-``catdpo_kernels._ext``) does the work when it is available for the device;
-``segment_reduce_torch`` is the pure-torch fallback with the same contract.
-Neither synchronises with the host.
+``catdpo_kernels._ext``; differentiable once ``compiled_op_available`` has run)
+does the work when it is available for the device; ``segment_reduce_torch`` is
+the pure-torch fallback with the same contract. Neither synchronises with the host.
+
+This is the op's own, general contract, which embedders may call directly. The
+package itself passes canonical row ids (``CategoryAssignment.segment_ids``).
 """
 
 from __future__ import annotations
@@ -106,19 +109,27 @@ def _backward(ctx, grad):
 _autograd_registered = False
 
 
-def register_autograd() -> None:
-    """Make the compiled op differentiable in ``values`` like the fallback; called once after loading."""
+def _register_autograd() -> None:
+    """Make the compiled op differentiable in ``values`` like the fallback (once, after it loaded)."""
     global _autograd_registered
     if not _autograd_registered:
         torch.library.register_autograd(_ext.OP_NAME, _backward, setup_context=_setup_context)
         _autograd_registered = True
 
 
+def compiled_op_available(device_type: str = "cpu") -> bool:
+    """Load the compiled op (first call) and make it differentiable; True if it has a kernel for the device."""
+    if not _ext.has_compiled_op(device_type):
+        return False
+    _register_autograd()
+    return True
+
+
 def _use_compiled(device_type: str) -> bool:
     if torch.compiler.is_compiling():
         # Tracing must never trigger a build; use what eager execution already loaded.
         return _ext.compiled_kernel_loaded(device_type)
-    return _ext.has_compiled_op(device_type)
+    return compiled_op_available(device_type)
 
 
 def segment_reduce(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:

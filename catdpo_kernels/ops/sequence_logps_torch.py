@@ -13,8 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ..reference import compute_dtype
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp32 for half types and fp32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 # About 8 MiB of fp32 per block: large enough for vectorised kernels, small
 # enough to stay far below the (2B, T, V) footprint of the naive path.
@@ -136,7 +141,9 @@ class SequenceLogpsTorch(torch.autograd.Function):
     """``(2B, T, V)`` logits -> ``(2B,)`` sequence log-probs, gradients to the logits only."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index: int, average_log_prob: bool, shift_labels: bool, inplace_backward: bool):
+    def forward(
+        ctx, logits, labels, ignore_index: int, average_log_prob: bool, shift_labels: bool, inplace_backward: bool
+    ):
         logps, counts = forward_logps(
             logits, labels, ignore_index=ignore_index, average_log_prob=average_log_prob, shift_labels=shift_labels
         )
@@ -146,6 +153,7 @@ class SequenceLogpsTorch(torch.autograd.Function):
         return logps, counts
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logps, _grad_counts):
         logits, labels, counts = ctx.saved_tensors
         ignore_index, average_log_prob, shift_labels, inplace_backward = ctx.opts
@@ -170,7 +178,9 @@ def sequence_logps_torch(
 ) -> torch.Tensor:
     """Sequence log-probs ``(N,)`` in fp32 (fp64 for fp64 logits)."""
     if requires_grad and logits.requires_grad and torch.is_grad_enabled():
-        logps, _ = SequenceLogpsTorch.apply(logits, labels, ignore_index, average_log_prob, shift_labels, inplace_backward)
+        logps, _ = SequenceLogpsTorch.apply(
+            logits, labels, ignore_index, average_log_prob, shift_labels, inplace_backward
+        )
         return logps
     with torch.no_grad():
         logps, _ = forward_logps(

@@ -12,6 +12,7 @@ import triton
 from torch import Tensor
 
 from ..kernels.sequence_logps import logits_grad_kernel, row_reduce_kernel, token_logps_kernel
+from .device_guard import on_device_of
 from .triton_config import vocab_loop_config
 
 _ROW_BLOCK_T = 1024
@@ -23,37 +24,60 @@ def _launch_forward(policy, ref, labels, ignore_index, shift, average):
     sides = 1 if ref is None else 2
     dev = policy.device
     token_logp = torch.empty(sides, rows, t_eff, device=dev, dtype=torch.float32)
-    lse = torch.empty(2, rows, t_eff, device=dev, dtype=torch.float32)  # (max, log-sum) per token
-    other = policy if ref is None else ref
-    cfg = vocab_loop_config(vocab, policy.dtype)
-    token_logps_kernel[(rows * t_eff, sides)](
-        policy, other, labels, token_logp, lse,
-        t_eff, vocab,
-        policy.stride(0), policy.stride(1), other.stride(0), other.stride(1), labels.stride(0), labels.stride(1),
-        ignore_index,
-        SHIFT=int(shift), HAS_REF=ref is not None, **cfg.launch_kwargs(),
-    )  # fmt: skip
+    max_logsum = torch.empty(2, rows, t_eff, device=dev, dtype=torch.float32)  # per token, for the backward
     logps = torch.empty(sides, rows, device=dev, dtype=torch.float32)
     counts = torch.empty(rows, device=dev, dtype=torch.int32)
-    row_reduce_kernel[(rows, sides)](
-        token_logp, labels, logps, counts,
-        t_eff, labels.stride(0), labels.stride(1), ignore_index, rows,
-        SHIFT=int(shift), AVERAGE=bool(average), BLOCK_T=min(triton.next_power_of_2(t_eff), _ROW_BLOCK_T),
-    )  # fmt: skip
-    return logps, lse, counts
+    other = policy if ref is None else ref
+    cfg = vocab_loop_config(vocab, policy.dtype)
+    with on_device_of(policy):
+        token_logps_kernel[(rows * t_eff, sides)](
+            policy,
+            other,
+            labels,
+            token_logp,
+            max_logsum,
+            t_eff,
+            vocab,
+            policy.stride(0),
+            policy.stride(1),
+            other.stride(0),
+            other.stride(1),
+            labels.stride(0),
+            labels.stride(1),
+            ignore_index,
+            SHIFT=int(shift),
+            HAS_REF=ref is not None,
+            **cfg.launch_kwargs(),
+        )
+        row_reduce_kernel[(rows, sides)](
+            token_logp,
+            labels,
+            logps,
+            counts,
+            t_eff,
+            labels.stride(0),
+            labels.stride(1),
+            ignore_index,
+            rows,
+            SHIFT=int(shift),
+            AVERAGE=bool(average),
+            BLOCK_T=min(triton.next_power_of_2(t_eff), _ROW_BLOCK_T),
+        )
+    return logps, max_logsum, counts
 
 
 @torch.library.custom_op("catdpo_triton::sequence_logps_fwd", mutates_args=())
 def sequence_logps_fwd(
     policy: Tensor, ref: Tensor | None, labels: Tensor, ignore_index: int, shift: bool, average: bool, inplace: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(policy_logps (2B,), ref_logps (2B,) or (0,), lse (2, 2B, T'), counts (2B,) int32)``.
+    """Returns ``(policy_logps (2B,), ref_logps (2B,) or (0,), max_logsum (2, 2B, T'), counts (2B,) int32)``.
 
-    ``lse[0]`` is the per-token max and ``lse[1]`` the log-sum of ``exp(x − max)``.
+    ``max_logsum[0]`` is the per-token max logit and ``max_logsum[1]`` the log-sum of
+    ``exp(x − max)``; kept apart, because one rounded fp32 sum loses accuracy at large logits.
     """
-    logps, lse, counts = _launch_forward(policy, ref, labels, ignore_index, shift, average)
+    logps, max_logsum, counts = _launch_forward(policy, ref, labels, ignore_index, shift, average)
     ref_logps = logps[1].clone() if ref is not None else logps.new_empty(0)
-    return logps[0].clone(), ref_logps, lse, counts
+    return logps[0].clone(), ref_logps, max_logsum, counts
 
 
 @sequence_logps_fwd.register_fake
@@ -69,64 +93,91 @@ def _(policy, ref, labels, ignore_index, shift, average, inplace):
     )
 
 
-def _launch_backward(grad_logps, logits, grad, labels, lse, counts, ignore_index, shift, average):
+def _launch_backward(grad_logps, logits, grad, labels, max_logsum, counts, ignore_index, shift, average):
     rows, tokens, vocab = logits.shape
     cfg = vocab_loop_config(vocab, logits.dtype)
-    logits_grad_kernel[(rows * tokens,)](
-        logits, grad, labels, lse, grad_logps.contiguous(), counts,
-        tokens, tokens - int(shift), vocab,
-        logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1), labels.stride(0), labels.stride(1),
-        ignore_index,
-        SHIFT=int(shift), AVERAGE=bool(average), **cfg.launch_kwargs(),
-    )  # fmt: skip
+    with on_device_of(logits):
+        logits_grad_kernel[(rows * tokens,)](
+            logits,
+            grad,
+            labels,
+            max_logsum,
+            grad_logps.contiguous(),
+            counts,
+            tokens,
+            tokens - int(shift),
+            vocab,
+            logits.stride(0),
+            logits.stride(1),
+            grad.stride(0),
+            grad.stride(1),
+            labels.stride(0),
+            labels.stride(1),
+            ignore_index,
+            SHIFT=int(shift),
+            AVERAGE=bool(average),
+            **cfg.launch_kwargs(),
+        )
 
 
 @torch.library.custom_op("catdpo_triton::sequence_logps_bwd", mutates_args=())
 def sequence_logps_bwd(
-    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, counts: Tensor,
-    ignore_index: int, shift: bool, average: bool,
-) -> Tensor:  # fmt: skip
+    grad_logps: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    max_logsum: Tensor,
+    counts: Tensor,
+    ignore_index: int,
+    shift: bool,
+    average: bool,
+) -> Tensor:
     grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-    _launch_backward(grad_logps, logits, grad, labels, lse, counts, ignore_index, shift, average)
+    _launch_backward(grad_logps, logits, grad, labels, max_logsum, counts, ignore_index, shift, average)
     return grad
 
 
 @sequence_logps_bwd.register_fake
-def _(grad_logps, logits, labels, lse, counts, ignore_index, shift, average):
+def _(grad_logps, logits, labels, max_logsum, counts, ignore_index, shift, average):
     return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
 
 
 @torch.library.custom_op("catdpo_triton::sequence_logps_bwd_", mutates_args=("logits",))
 def sequence_logps_bwd_inplace(
-    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, counts: Tensor,
-    ignore_index: int, shift: bool, average: bool,
-) -> None:  # fmt: skip
-    _launch_backward(grad_logps, logits, logits, labels, lse, counts, ignore_index, shift, average)
+    grad_logps: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    max_logsum: Tensor,
+    counts: Tensor,
+    ignore_index: int,
+    shift: bool,
+    average: bool,
+) -> None:
+    _launch_backward(grad_logps, logits, logits, labels, max_logsum, counts, ignore_index, shift, average)
 
 
 @sequence_logps_bwd_inplace.register_fake
-def _(grad_logps, logits, labels, lse, counts, ignore_index, shift, average):
+def _(grad_logps, logits, labels, max_logsum, counts, ignore_index, shift, average):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     policy, _, labels, ignore_index, shift, average, inplace = inputs
-    _, _, lse, counts = output
-    ctx.save_for_backward(policy, labels, lse, counts)
+    _, _, max_logsum, counts = output
+    ctx.save_for_backward(policy, labels, max_logsum, counts)
     ctx.opts = (ignore_index, shift, average, inplace)
 
 
-def _backward(ctx, grad_policy, _grad_ref, _grad_lse, _grad_counts):
-    policy, labels, lse, counts = ctx.saved_tensors
+def _backward(ctx, grad_policy, _grad_ref, _grad_max_logsum, _grad_counts):
+    policy, labels, max_logsum, counts = ctx.saved_tensors
     ignore_index, shift, average, inplace = ctx.opts
     if grad_policy is None:
         grad_policy = torch.zeros(policy.shape[0], device=policy.device, dtype=torch.float32)
     grad_policy = grad_policy.float()
     if inplace:
-        sequence_logps_bwd_inplace(grad_policy, policy, labels, lse, counts, ignore_index, shift, average)
+        sequence_logps_bwd_inplace(grad_policy, policy, labels, max_logsum, counts, ignore_index, shift, average)
         grad = policy
     else:
-        grad = sequence_logps_bwd(grad_policy, policy, labels, lse, counts, ignore_index, shift, average)
+        grad = sequence_logps_bwd(grad_policy, policy, labels, max_logsum, counts, ignore_index, shift, average)
     return grad, None, None, None, None, None, None
 
 

@@ -1,0 +1,177 @@
+"""``TrainConfig``: every option of ``catdpo-train``, declared once.
+
+Each field is also a command-line option: ``--field-name`` (dashes for
+underscores), its type from the annotation, its default from the field, and its
+help text and choices from the field's metadata. A ``bool`` field that defaults
+to ``False`` is a ``--flag``; one that defaults to ``True`` is a ``--no-flag``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from ..constants import LOSS_TYPES
+from ..data import PREFERENCE_KEYS
+
+COMPARE_LOSS_TYPES = ("dpo", "safedpo", "catdpo")
+BACKEND_CHOICES = ("auto", "triton", "torch", "reference")
+ON_OFF = ("auto", "on", "off")
+TINY = "tiny default model only"
+
+
+def option(default, help: str | None = None, **argparse_kwargs):
+    """A ``TrainConfig`` field that is also the command-line option ``--field-name``."""
+    return field(default=default, metadata=dict(help=help, argparse=argparse_kwargs))
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``catdpo-train`` (the CLI flag is the field name with dashes)."""
+
+    # model and data
+    model: str | None = option(
+        None,
+        "local Hugging Face causal-LM directory (default: a tiny random Llama with a "
+        "word-level tokenizer trained on the data; nothing is downloaded)",
+    )
+    data: str | None = option(
+        None,
+        "PKU-SafeRLHF-schema data: a directory with train/test .jsonl or .parquet, a "
+        "single file (held-out split carved with --eval-fraction), or a hub data set name "
+        "(default: the bundled sample)",
+    )
+    eval_data: str | None = option(None, "held-out data (same forms as --data)")
+    data_config: str | None = option(None, "hub configuration, e.g. alpaca3-8b")
+    train_split: str = option("train")
+    eval_split: str = option("test")
+    eval_fraction: float = option(0.2, "held-out fraction when --data is a single file and --eval-data is not given")
+    on_bad_rows: str = option(
+        "raise",
+        "malformed rows: raise a clear error listing them (default) or skip and report them",
+        choices=("raise", "skip"),
+    )
+    preference_key: str = option(
+        "better_response_id", "which preference picks the winner before the SafeDPO transform", choices=PREFERENCE_KEYS
+    )
+    max_train_pairs: int | None = option(None)
+    max_eval_pairs: int | None = option(None)
+    max_length: int = option(256)
+    max_prompt_length: int = option(128)
+    hidden_size: int = option(64, TINY)
+    num_layers: int = option(2, TINY)
+    num_heads: int = option(4, TINY)
+    intermediate_size: int = option(128, TINY)
+    # loss
+    loss_type: str = option("catdpo", choices=LOSS_TYPES)
+    backend: str = option("auto", choices=BACKEND_CHOICES)
+    beta: float = option(0.1)
+    safedpo_margin: float = option(0.5, "SafeDPO's global margin")
+    average_log_prob: bool = option(False)
+    reduction: str = option("mean", choices=("mean", "sum", "category_mean"))
+    inplace_backward: bool = option(
+        False, "write the logits gradient into the logits buffer (saves a (2B,T,V) allocation)"
+    )
+    # CategoryMargins (defaults are CategoryMargins' own)
+    margin_init: float = option(0.5)
+    margin_lr: float = option(0.5, "dual step size eta")
+    margin_target: float = option(0.1, "tolerated unsafe rate epsilon")
+    margin_ema: float = option(0.9)
+    margin_min_count: float = option(1.0)
+    margin_warmup_steps: int = option(0)
+    margin_min: float = option(0.0)
+    margin_max: float = option(5.0)
+    margin_mode: str = option("absolute", choices=("absolute", "relative"))
+    margin_signal: str = option("soft", choices=("soft", "hard"))
+    # optimisation
+    epochs: int = option(3)
+    max_steps: int | None = option(None, "optimiser steps (overrides --epochs)")
+    batch_size: int = option(16, "pairs per micro-batch per rank")
+    grad_accum: int = option(1)
+    lr: float = option(1e-3)
+    weight_decay: float = option(0.0)
+    warmup_steps: int = option(0)
+    max_grad_norm: float = option(1.0)
+    precompute_ref: bool = option(False, "compute the reference log-probs once up front and drop the reference model")
+    bf16: str = option("auto", "bf16 autocast (auto: on CUDA)", choices=ON_OFF)
+    device: str = option("auto", "auto, cpu or cuda")
+    seed: int = option(0)
+    # bookkeeping
+    output_dir: str = option("outputs/catdpo-train")
+    eval_every: int = option(10, "held-out evaluation every N steps")
+    save_every: int = option(0, "checkpoint every N steps (0: at the end)")
+    resume: str | None = option(None, "a checkpoint-* directory, or 'auto' for the latest in --output-dir")
+    progress: bool = option(True)
+    plot: bool = option(True)
+    quiet: bool = option(False)
+
+
+# The first field of each argument group of ``--help``.
+GROUPS = {
+    "model": "model and data",
+    "loss_type": "loss",
+    "margin_init": "category margins (catdpo)",
+    "epochs": "optimisation",
+    "output_dir": "outputs",
+}
+
+# Options that may differ between a checkpoint and the run that resumes it.
+RESUME_FREE = frozenset(
+    {
+        "max_steps",
+        "epochs",
+        "output_dir",
+        "eval_every",
+        "save_every",
+        "resume",
+        "progress",
+        "plot",
+        "quiet",
+        "backend",
+        "device",
+        "bf16",
+    }
+)
+
+
+def _base_type(hint):
+    """``int`` for ``int | None`` (and for ``int``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_arguments(parser) -> None:
+    """The ``catdpo-train`` options, one per ``TrainConfig`` field, plus ``--compare``."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in GROUPS:
+            group = parser.add_argument_group(GROUPS[f.name])
+        kwargs = dict(f.metadata.get("argparse", {}), help=f.metadata.get("help"))
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        if kind is bool and f.default:
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", **kwargs)
+        elif kind is bool:
+            group.add_argument(flag, action="store_true", **kwargs)
+        else:
+            group.add_argument(flag, type=kind, default=f.default, **kwargs)
+    group.add_argument("--compare", action="store_true", help="run dpo, safedpo and catdpo and print one table")
+
+
+def config_from_args(ns) -> TrainConfig:
+    """The ``TrainConfig`` of parsed arguments (anything that is not a field, e.g. ``compare``, is left out)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject option values the loop would only trip over later."""
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+    if cfg.bf16 not in ON_OFF:
+        raise ValueError(f"bf16 must be auto, on or off, got {cfg.bf16!r}")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1")

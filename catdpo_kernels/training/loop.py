@@ -1,0 +1,216 @@
+"""The training loop: ``train(cfg)`` runs one job, ``compare(cfg)`` runs ``dpo``, ``safedpo`` and ``catdpo``.
+
+One optimiser step:
+
+* ``grad_accum`` micro-batches, each ``batch_size`` pairs per rank, run the policy
+  (and, unless ``precompute_ref``, the frozen reference) and the run's one
+  ``CatDPOLoss``, which adds each micro-batch's ``category_stats`` to the step's sum;
+* after the optimiser step, ``criterion.update_margins()`` feeds that sum to the
+  margins once; it all-reduces it across ranks, so every rank holds the same margins.
+
+Outputs under ``output_dir``: ``metrics.jsonl`` (one line per optimiser step, plus
+the held-out evaluations), ``eval.json`` and ``eval_table.txt`` (the final
+per-category table), ``margins.png``, ``summary.json`` and ``checkpoint-*/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .batches import collate, step_schedule, steps_per_epoch
+from .checkpoint import save_checkpoint
+from .config import COMPARE_LOSS_TYPES, TrainConfig, check_config
+from .criterion import stop_input_checks
+from .evaluation import evaluate
+from .job import Job, build_job
+from .model import logits
+from .report import MetricsLog, format_compare_table, format_eval_table, plot_history, progress_postfix
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job; returns a summary dict (also written to ``summary.json`` on rank 0)."""
+    check_config(cfg)
+    with distributed.session(cfg.device):
+        return _train(cfg)
+
+
+def compare(cfg: TrainConfig, loss_types=COMPARE_LOSS_TYPES) -> dict:
+    """Train ``dpo``, ``safedpo`` and ``catdpo`` with one seed and data; print one side-by-side table."""
+    with distributed.session(cfg.device):
+        results = {}
+        for lt in loss_types:
+            sub = dataclasses.replace(cfg, loss_type=lt, output_dir=str(Path(cfg.output_dir) / lt), resume=None)
+            check_config(sub)
+            results[lt] = _train(sub)
+        table = format_compare_table(results)
+        rank, _ = distributed.rank_world()
+        if rank == 0:
+            print("\n" + table, flush=True)
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "compare_table.txt").write_text(table + "\n", encoding="utf-8")
+        return dict(results=results, table=table)
+
+
+def _train(cfg: TrainConfig) -> dict:
+    job = build_job(cfg)
+    if job.is_main:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(job.out_dir / "metrics.jsonl" if job.is_main else None, append=job.resumed)
+    try:
+        train_seconds = _run_steps(job, metrics)
+        final = job.evals[-1] if job.evals and job.evals[-1]["step"] == job.step else _evaluate(job, metrics)
+    finally:
+        metrics.close()
+    ckpt = save_checkpoint(job)
+    distributed.barrier()
+    return _finish(job, final, ckpt, train_seconds)
+
+
+def _evaluate(job: Job, metrics: MetricsLog) -> dict:
+    ev = evaluate(
+        job.policy, job.loop_ref_model, job.held_split, job.cfg, job.criterion, job.pad_id, job.device, job.step
+    )
+    job.evals.append(ev)
+    metrics.write({"kind": "eval", **ev})
+    return ev
+
+
+def _run_steps(job: Job, metrics: MetricsLog) -> float:
+    """Train up to the last step (evaluating and checkpointing on the way); returns the seconds it took."""
+    from tqdm.auto import tqdm
+
+    cfg = job.cfg
+    n = len(job.train_split.tokenized)
+    schedule = step_schedule(n, cfg, job.rank, job.world)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch(n, cfg, job.world)
+    for _ in range(job.step):  # skip what the checkpoint already trained on
+        next(schedule)
+    if not job.resumed:
+        _evaluate(job, metrics)  # the baseline: the policy equals the reference
+    bar = tqdm(
+        total=total,
+        initial=job.step,
+        disable=not (job.is_main and cfg.progress),
+        desc=cfg.loss_type,
+        dynamic_ncols=True,
+    )
+    job.policy.train()
+    job.criterion.train()
+    t_loop = time.perf_counter()
+    while job.step < total:
+        epoch, micro = next(schedule)
+        rec = _train_step(job, epoch, micro, t_loop)
+        metrics.write(rec)
+        bar.set_postfix(progress_postfix(rec["loss"], job.margins), refresh=False)
+        bar.update(1)
+        if cfg.eval_every and job.step % cfg.eval_every == 0 and job.step < total:
+            _evaluate(job, metrics)
+        if cfg.save_every and job.step % cfg.save_every == 0 and job.step < total:
+            save_checkpoint(job)
+            distributed.barrier()
+    bar.close()
+    return time.perf_counter() - t_loop
+
+
+def _train_step(job: Job, epoch: int, micro: list[list[int]], t_loop: float) -> dict:
+    """One optimiser step over the micro-batches ``micro``; returns its ``metrics.jsonl`` record."""
+    cfg = job.cfg
+    loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+    reward_sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # chosen, rejected, correct
+    for k, idx in enumerate(micro):
+        batch = collate(job.train_split, idx, job.pad_id, job.device)
+        sync = k == len(micro) - 1 or job.world == 1  # DDP all-reduces the gradients on the last one only
+        with contextlib.nullcontext() if sync else job.model.no_sync():
+            out = _micro_batch_loss(job, batch)
+            (out.loss / len(micro)).backward()
+        loss_sum += out.loss.detach().double()
+        correct = (out.chosen_rewards - out.rejected_rewards > 0).sum()
+        reward_sums += torch.stack([out.chosen_rewards.sum(), out.rejected_rewards.sum(), correct]).double()
+    params = job.policy.parameters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    job.optimizer.step()
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.criterion.update_margins()  # once per optimiser step; all-reduces across ranks
+    job.step += 1
+    return _step_record(job, epoch, len(micro), loss_sum, reward_sums, grad_norm, t_loop)
+
+
+def _micro_batch_loss(job: Job, batch: dict):
+    """Policy (and reference) forward and the criterion: the micro-batch's ``LossOutput``."""
+    policy_logits = logits(job.model, batch, job.device, job.cfg)
+    if "ref_logps" in batch:
+        ref = dict(ref_logps=batch["ref_logps"])
+    else:
+        with torch.no_grad():
+            ref = dict(ref_logits=logits(job.loop_ref_model, batch, job.device, job.cfg))
+    out = job.criterion(policy_logits, batch["labels"], batch["categories"], unsafe=batch["unsafe"], **ref)
+    stop_input_checks(job.criterion)  # the first call checked the values; the rest only shapes
+    return out
+
+
+def _step_record(job: Job, epoch, n_micro, loss_sum, reward_sums, grad_norm, t_loop) -> dict:
+    """The ``metrics.jsonl`` record of the step just taken (losses and rewards all-reduced over ranks)."""
+    margins, names = job.margins, job.names
+    packed = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), reward_sums]).cpu())
+    n_pairs = n_micro * job.cfg.batch_size * job.world
+    last = margins.history[-1]
+    job.history.append(dict(step=job.step, margin=margins.value.cpu().tolist(), rate=list(last["rate"])))
+    return dict(
+        kind="train",
+        step=job.step,
+        epoch=epoch,
+        loss=packed[0].item() / (n_micro * job.world),
+        lr=job.scheduler.get_last_lr()[0],
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        chosen_reward=packed[1].item() / n_pairs,
+        rejected_reward=packed[2].item() / n_pairs,
+        reward_acc=packed[3].item() / n_pairs,
+        margin=dict(zip(names, margins.value.cpu().tolist())),
+        ema_unsafe_rate=dict(zip(names, last["rate"])),
+        margin_active=[n for n, a in zip(names, last["active"]) if a],
+        time=time.perf_counter() - t_loop,
+    )
+
+
+def _finish(job: Job, final: dict, ckpt: Path | None, train_seconds: float) -> dict:
+    """The summary (every rank); on rank 0 the final table, ``eval.json``, the plot and ``summary.json``."""
+    cfg, margins = job.cfg, job.margins
+    summary = dict(
+        config=dataclasses.asdict(cfg),
+        steps=job.step,
+        world_size=job.world,
+        train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - job.t_start,
+        eval=final,
+        margins=margins.value.cpu().tolist(),
+        # every rank's margins, to show (and test) that they agree
+        rank_margins=distributed.all_gather_object(margins.value.cpu().tolist()),
+        data=dict(train=job.train_split.report.as_dict(), held_out=job.held_split.report.as_dict()),
+        checkpoint=str(ckpt) if ckpt else None,
+        metrics=str(job.out_dir / "metrics.jsonl"),
+    )
+    if not job.is_main:
+        return summary
+    table = format_eval_table(final)
+    job.log(table)
+    (job.out_dir / "eval_table.txt").write_text(table + "\n", encoding="utf-8")
+    (job.out_dir / "eval.json").write_text(json.dumps(final, indent=1), encoding="utf-8")
+    if cfg.plot:
+        title = f"{cfg.loss_type}: margins and held-out unsafe rates"
+        png = plot_history(job.history, job.evals, job.names, job.out_dir / "margins.png", title)
+        summary["plot"] = str(png)
+        job.log(f"plot: {png}")
+    (job.out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    job.log(
+        f"metrics: {summary['metrics']}; checkpoint: {ckpt}; {job.step} steps in {train_seconds:.1f}s "
+        f"(total {summary['total_seconds']:.1f}s)"
+    )
+    return summary
