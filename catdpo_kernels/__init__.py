@@ -14,6 +14,9 @@ __version__ = "0.2.0"
 # public name -> module that defines it
 _EXPORTS = {
     "loss": "functional",
+    "linear_loss": "functional",
+    "HeadMetrics": "head",
+    "CatDPOLinearLoss": "modules",
     "LossOutput": "functional",
     "CatDPOLoss": "modules",
     "CategoryMargins": "margins",
@@ -45,8 +48,9 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
     from .categories import PKU_SAFERLHF_CATEGORIES
     from .constants import BACKENDS, LOSS_TYPES, REDUCTIONS, STAT_COLUMNS
-    from .functional import LossOutput, loss
+    from .functional import LossOutput, linear_loss, loss
+    from .head import HeadMetrics
     from .margins import CategoryMargins
-    from .modules import CatDPOLoss
+    from .modules import CatDPOLinearLoss, CatDPOLoss
     from .options import LossOptions
     from .stats import CategoryStats

@@ -251,3 +251,125 @@ def check_backend_dtypes(backend, **tensors) -> None:
             raise TypeError(
                 f"backend={backend.name!r} takes float16, bfloat16 or float32 {name}, got float64; use backend='torch'"
             )
+
+
+def check_head(hidden, weight, bias, labels, cu_seqlens, *, shift_labels: bool, fused: bool) -> tuple[int, int]:
+    """The fused head's policy inputs; returns ``(2B, V)``.
+
+    Padded: ``hidden (2B, T, H)``, ``labels (2B, T)``. Packed: ``hidden (N, H)``,
+    ``labels (N,)``, ``cu_seqlens (2B + 1,)`` from 0 to N, non-decreasing.
+    """
+    _require_tensor("hidden", hidden)
+    _require_float("hidden", hidden)
+    _require_tensor("weight", weight)
+    _require_float("weight", weight)
+    device = hidden.device
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D (V, H) like an nn.Linear/embedding weight, got shape {tuple(weight.shape)}"
+        )
+    vocab, width = weight.shape
+    if vocab == 0:
+        raise ValueError("weight must have V >= 1 rows")
+    if hidden.shape[-1] != width:
+        raise ValueError(
+            f"hidden has H={hidden.shape[-1]} features but weight is (V, H) = {tuple(weight.shape)}; "
+            "pass the output embedding weight (model.get_output_embeddings().weight)"
+        )
+    _require_device("weight", weight, device)
+    if bias is not None:
+        _require_tensor("bias", bias)
+        _require_float("bias", bias)
+        _require_shape("bias", bias, (vocab,), "(V,)")
+        _require_device("bias", bias, device)
+    _require_tensor("labels", labels)
+    _require_int("labels", labels)
+    _require_device("labels", labels, device)
+    if cu_seqlens is None:
+        if hidden.dim() != 3:
+            raise ValueError(
+                "hidden must be (2B, T, H) (padded), or (N, H) with cu_seqlens= (packed); "
+                f"got shape {tuple(hidden.shape)}"
+            )
+        rows, tokens, _ = hidden.shape
+        if rows == 0 or rows % 2:
+            raise ValueError(
+                f"hidden must have an even, non-zero first dim 2B (chosen rows, then rejected), got {rows}"
+            )
+        if tokens == 0:
+            raise ValueError("hidden must have T >= 1")
+        if shift_labels and tokens < 2:
+            raise ValueError(f"shift_labels=True needs T >= 2, got T={tokens}")
+        _require_shape("labels", labels, (rows, tokens), "(2B, T)")
+        return rows, vocab
+    if hidden.dim() != 2:
+        raise ValueError(f"with cu_seqlens (packed input) hidden must be (N, H), got shape {tuple(hidden.shape)}")
+    n = hidden.shape[0]
+    _require_shape("labels", labels, (n,), "(N,)")
+    _require_tensor("cu_seqlens", cu_seqlens)
+    _require_int("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 3 or (cu_seqlens.shape[0] - 1) % 2:
+        raise ValueError(
+            f"cu_seqlens must be (2B + 1,) for 2B sequences (chosen then rejected, 2B even and >= 2), "
+            f"got shape {tuple(cu_seqlens.shape)}"
+        )
+    # Reading a few ints is a host sync; the layout needs these boundaries on the host anyway.
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != n:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at N = {n} (hidden rows), got {bounds[0]} ... {bounds[-1]}"
+        )
+    steps = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if any(s < 0 for s in steps):
+        i = next(i for i, s in enumerate(steps) if s < 0)
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing; cu_seqlens[{i}] = {bounds[i]} > cu_seqlens[{i + 1}] = {bounds[i + 1]}"
+        )
+    return len(bounds) - 1, vocab
+
+
+def check_ref_head(ref_hidden, ref_weight, ref_bias, ref_logps, *, hidden, weight, rows: int, fused: bool) -> None:
+    """Exactly one of ``ref_hidden`` (with an optional ``ref_weight``/``ref_bias``) and ``ref_logps``."""
+    if (ref_hidden is None) == (ref_logps is None):
+        raise ValueError("pass exactly one of ref_hidden (the reference model's hidden states) or ref_logps (2B,)")
+    if ref_logps is not None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight/ref_bias go with ref_hidden; with ref_logps there is nothing to project")
+        _require_tensor("ref_logps", ref_logps)
+        _require_float("ref_logps", ref_logps)
+        _require_shape("ref_logps", ref_logps, (rows,), "(2B,)")
+        _require_device("ref_logps", ref_logps, hidden.device)
+        return
+    _require_tensor("ref_hidden", ref_hidden)
+    _require_float("ref_hidden", ref_hidden)
+    _require_device("ref_hidden", ref_hidden, hidden.device)
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"ref_hidden must have the tokens of hidden {tuple(hidden.shape[:-1])} (+ H), got {tuple(ref_hidden.shape)}"
+        )
+    w = weight if ref_weight is None else ref_weight
+    if ref_weight is not None:
+        _require_tensor("ref_weight", ref_weight)
+        _require_float("ref_weight", ref_weight)
+        _require_device("ref_weight", ref_weight, hidden.device)
+        if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must be (V, H_ref) with V = {weight.shape[0]}, got {tuple(ref_weight.shape)}")
+    if ref_hidden.shape[-1] != w.shape[1]:
+        raise ValueError(f"ref_hidden has H={ref_hidden.shape[-1]} but the reference weight is {tuple(w.shape)}")
+    if ref_bias is not None and ref_weight is None:
+        raise ValueError(
+            "ref_bias goes with ref_weight: with ref_weight=None the reference uses the policy's weight and bias"
+        )
+    if ref_bias is not None:
+        _require_tensor("ref_bias", ref_bias)
+        _require_float("ref_bias", ref_bias)
+        _require_shape("ref_bias", ref_bias, (w.shape[0],), "(V,)")
+        _require_device("ref_bias", ref_bias, hidden.device)
+
+
+def check_budget(memory_budget) -> int | None:
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
+    return int(memory_budget)

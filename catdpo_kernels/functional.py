@@ -170,3 +170,161 @@ def _autocast_off(device: torch.device):
     if device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+# The tile schedule is sized by host-side token counts (the head's one sync), so under
+# torch.compile the head runs eagerly: one graph break, the documented sync.
+@torch.compiler.disable
+def linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    categories: torch.Tensor | None = None,
+    margins: torch.Tensor | CategoryMargins | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    unsafe: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "catdpo",
+    margin: float = 0.0,
+    ignore_index: int = -100,
+    average_log_prob: bool = False,
+    shift_labels: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_inputs: bool = True,
+    num_categories: int | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    memory_budget: int | None = None,
+    return_metrics: bool = False,
+):
+    """The Cat-DPO loss from the last hidden states and the output embedding, never building the logits.
+
+    Same math, options and ``LossOutput`` as ``loss()``; the logits are
+    ``transform(hidden @ weight.T + bias)``, computed one tile at a time for the
+    counted tokens only.
+
+    Args:
+        hidden: padded ``(2B, T, H)`` (rows ``[0, B)`` chosen), or packed ``(N, H)`` with ``cu_seqlens``.
+        weight: ``(V, H)`` output embedding (``model.get_output_embeddings().weight``; tied weights work).
+        labels: ``(2B, T)`` or ``(N,)`` token ids, ``ignore_index`` where not counted.
+        bias: optional ``(V,)`` output bias.
+        ref_hidden / ref_weight / ref_bias: the reference model's hidden states and head (forward only;
+            ``ref_weight=None`` reuses the policy's weight and bias, detached). Or ``ref_logps (2B,)``.
+        cu_seqlens: ``(2B + 1,)`` sequence boundaries of the packed layout, chosen sequences first;
+            ``shift_labels`` then shifts within each sequence.
+        temperature, logit_scale, final_logit_softcapping: the head's transform,
+            ``z = c·tanh(scale·logit / c) / temperature`` (Cohere's scale, Gemma's soft-cap).
+        memory_budget: bytes of logits tiles and accumulators (default 256 MiB on CUDA, 128 MiB
+            on CPU); it does not grow with ``B`` or ``T``.
+        return_metrics: also return ``HeadMetrics`` (per-sequence entropy, mean logit and top-1
+            sums, from the same pass): ``(LossOutput, HeadMetrics)``.
+
+    The other arguments are those of ``loss()``. Gradients flow to ``hidden``, ``weight``
+    and ``bias``; with ``weight.requires_grad=False`` (a frozen head, as with LoRA) the
+    weight-gradient GEMM is skipped. Building the token layout reads the per-sequence
+    token counts on the host (one sync); under ``torch.compile`` the call is one graph
+    break and runs eagerly.
+    """
+    from .fused_head import HeadCall, SideInputs
+    from .head import DEFAULT_BUDGET_BYTES, HeadTransform, TokenLayout
+
+    opts = LossOptions(
+        loss_type=loss_type,
+        beta=beta,
+        margin=margin,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        shift_labels=shift_labels,
+        average_log_prob=average_log_prob,
+        check_inputs=check_inputs,
+        backend=backend,
+    )
+    transform = HeadTransform(temperature, logit_scale, final_logit_softcapping)
+    rows, vocab = checks.check_head(
+        hidden, weight, bias, labels, cu_seqlens, shift_labels=shift_labels, fused=backend != "reference"
+    )
+    checks.check_ref_head(
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        ref_logps,
+        hidden=hidden,
+        weight=weight,
+        rows=rows,
+        fused=backend != "reference",
+    )
+    budget = checks.check_budget(memory_budget)
+    device = hidden.device
+    impl = resolve_backend(opts.backend, device)
+    checks.check_backend_dtypes(impl, hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    pairs, margins = canonical_pairs(
+        categories, margins, unsafe, num_categories, opts, num_pairs=rows // 2, device=device
+    )
+    if cu_seqlens is None:
+        layout = TokenLayout.padded(labels, ignore_index=ignore_index, shift=shift_labels, vocab=vocab)
+    else:
+        layout = TokenLayout.packed(labels, cu_seqlens, ignore_index=ignore_index, shift=shift_labels, vocab=vocab)
+    if opts.check_inputs:
+        checks.check_values(
+            labels=labels,
+            ignore_index=ignore_index,
+            vocab=vocab,
+            assignment=pairs.assignment,
+            categories=categories,
+            unsafe=unsafe,
+            margins=margins,
+            shift_labels=shift_labels,
+            unread=_unread_labels(labels, cu_seqlens, shift_labels),
+        )
+    if ref_hidden is not None and ref_weight is None:
+        ref_weight, ref_bias = weight.detach(), (None if bias is None else bias.detach())
+    width = weight.shape[1]
+    call = HeadCall(
+        policy=SideInputs(hidden.reshape(-1, width), weight, bias),
+        ref=None
+        if ref_hidden is None
+        else SideInputs(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias),
+        ref_logps=ref_logps,
+        layout=layout,
+        transform=transform,
+        budget=budget if budget is not None else DEFAULT_BUDGET_BYTES.get(device.type, DEFAULT_BUDGET_BYTES["cpu"]),
+        compute_dtype=_head_compute_dtype(hidden, device),
+        ref_compute_dtype=None if ref_hidden is None else _head_compute_dtype(ref_hidden, device),
+        labels=labels,
+        cu_seqlens=cu_seqlens,
+        want_metrics=bool(return_metrics),
+    )
+    if impl.name == "reference":
+        out, metrics = impl.linear_loss(call, pairs, opts)
+    else:
+        with _autocast_off(device):
+            out, metrics = impl.linear_loss(call, pairs, opts)
+    return (out, metrics) if return_metrics else out
+
+
+def _head_compute_dtype(hidden: torch.Tensor, device: torch.device) -> torch.dtype:
+    """The dtype of the head's GEMMs: autocast's when it is on (as the model's own head would), else the inputs'."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return hidden.dtype
+
+
+def _unread_labels(labels, cu_seqlens, shift_labels):
+    """Label positions no token is scored against (the first of each sequence under ``shift_labels``)."""
+    if not shift_labels:
+        return None
+    unread = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    if cu_seqlens is None:
+        unread[:, 0] = True
+    else:
+        starts = cu_seqlens[:-1].to(device=labels.device, dtype=torch.int64)
+        unread[starts[starts < labels.shape[0]]] = True
+    return unread

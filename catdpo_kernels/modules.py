@@ -159,3 +159,79 @@ class CatDPOLoss(nn.Module):
     def set_extra_state(self, state):
         if self.margins is not None and state.get("margins") is not None:
             self.margins.load_state_dict(state["margins"])
+
+
+class CatDPOLinearLoss(CatDPOLoss):
+    """``linear_loss()`` as a module: the fused LM head, with the margins and step statistics of ``CatDPOLoss``.
+
+    Args (on top of ``CatDPOLoss``'s, without ``inplace_backward``):
+        temperature, logit_scale, final_logit_softcapping: the head's transform.
+        memory_budget: bytes of logits tiles and accumulators (``None``: the device default).
+
+    ``forward(hidden, weight, labels, categories=None, *, bias=None, ref_hidden=None,
+    ref_weight=None, ref_bias=None, ref_logps=None, cu_seqlens=None, unsafe=None,
+    return_metrics=False)`` returns a ``LossOutput`` (and ``HeadMetrics`` when asked).
+    """
+
+    def __init__(
+        self,
+        num_categories: int | None = None,
+        *,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        final_logit_softcapping: float | None = None,
+        memory_budget: int | None = None,
+        **kwargs,
+    ):
+        if kwargs.get("inplace_backward"):
+            raise ValueError("inplace_backward applies to loss() on logits; the fused head never builds logits")
+        super().__init__(num_categories, **kwargs)
+        from .head import HeadTransform
+
+        HeadTransform(temperature, logit_scale, final_logit_softcapping)  # validates
+        self.head_options = dict(
+            temperature=temperature,
+            logit_scale=logit_scale,
+            final_logit_softcapping=final_logit_softcapping,
+            memory_budget=memory_budget,
+        )
+
+    def forward(
+        self,
+        hidden,
+        weight,
+        labels,
+        categories=None,
+        *,
+        bias=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        ref_logps=None,
+        cu_seqlens=None,
+        unsafe=None,
+        return_metrics=False,
+    ):
+        from .functional import linear_loss
+
+        kwargs = self.loss_kwargs()
+        kwargs.pop("inplace_backward")
+        result = linear_loss(
+            hidden,
+            weight,
+            labels,
+            categories,
+            bias=bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            ref_logps=ref_logps,
+            cu_seqlens=cu_seqlens,
+            unsafe=unsafe,
+            return_metrics=return_metrics,
+            **self.head_options,
+            **kwargs,
+        )
+        out = result[0] if return_metrics else result
+        self.record(out.category_stats)
+        return result

@@ -43,6 +43,17 @@ class PairInputs:
     def num_pairs(self) -> int:
         return self.assignment.num_pairs
 
+    def narrow(self, start: int, stop: int) -> PairInputs:
+        """The pairs ``[start, stop)`` only (the fused head scores pairs in groups)."""
+        a = self.assignment
+        sub = CategoryAssignment(
+            a.num_categories,
+            stop - start,
+            rows=None if a.rows is None else a.rows[start:stop],
+            member=None if a.member is None else a.member[start:stop],
+        )
+        return PairInputs(sub, self.margin_table, self.signs[start:stop])
+
 
 def pair_signs(unsafe: torch.Tensor | None, assignment: CategoryAssignment) -> torch.Tensor:
     """``s = h_l − h_w`` per pair as fp32, or ``1`` for pairs with a category when no flags are given.

@@ -133,3 +133,44 @@ def catdpo_loss(
     loss, h, z = pair_loss(policy, ref, signs, delta, beta=beta, family=family)
     member = assignment.membership(torch.float64)
     return loss, policy, ref, category_stats(pair_stat_values(loss, h, z, beta), member)
+
+
+# ------------------------------------------------------------------ the LM head, naively
+def head_logits(hidden, weight, bias=None, *, temperature=1.0, logit_scale=1.0, softcap=None) -> torch.Tensor:
+    """All logits ``(..., V)`` of ``hidden @ weight.T + bias``, transformed as the model's head does."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def packed_sequence_logps(logits, labels, cu_seqlens, **seq) -> torch.Tensor:
+    """``sequence_logps`` of a packed batch: ``logits (N, V)``, ``labels (N,)``, sequences at ``cu_seqlens``."""
+    bounds = cu_seqlens.tolist()
+    out = [
+        sequence_logps(logits[a:b].unsqueeze(0), labels[a:b].unsqueeze(0), **seq)
+        if b - a > (1 if seq.get("shift_labels") else 0)
+        else logits.new_zeros(1, dtype=compute_dtype(logits.dtype))
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(out)
+
+
+def token_metrics(logits, labels, *, ignore_index=-100, shift_labels=False) -> dict[str, torch.Tensor]:
+    """Per-sequence sums over counted tokens of entropy, mean logit and top-1 hits, and the token count."""
+    if shift_labels:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    z = logits.detach().to(compute_dtype(logits.dtype))
+    mask = (labels != ignore_index).to(z.dtype)
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    top1 = (z.argmax(-1) == labels).to(z.dtype)
+    return {
+        "entropy": (entropy * mask).sum(-1),
+        "mean_logit": (z.mean(-1) * mask).sum(-1),
+        "top1": (top1 * mask).sum(-1),
+        "tokens": mask.sum(-1),
+    }

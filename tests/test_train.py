@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from _utils import tiny_llama
 
 from catdpo_kernels import data as D
 from catdpo_kernels.training import TrainConfig, compare, train
@@ -205,26 +206,13 @@ def test_ddp_two_processes_identical_margins(tmp_path):
 
 def test_catdpo_trainer_two_steps(tmp_path):
     pytest.importorskip("trl")
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig
 
     from catdpo_kernels.integrations.trl import MARGINS_FILE, CatDPOCollator, CatDPOTrainer
 
     pairs, _ = D.load_pairs(split="train", limit=40)
     tok = D.build_word_tokenizer(D.pair_texts(pairs))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tok)
     ds = D.pairs_to_dataset(pairs)
     args = DPOConfig(
         output_dir=str(tmp_path),

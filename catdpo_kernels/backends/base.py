@@ -6,6 +6,11 @@ A call of ``loss()`` runs, on one backend:
 2. ``pair_terms``: log-probs + ``PairInputs`` -> per-pair loss ``(B,)`` and stats rows ``(B, K)``;
 3. ``category_table``: stats rows -> the ``(C+1, K)`` table.
 
+``linear_loss()`` (hidden states in, no logits) runs ``Backend.linear_loss``, which
+the fused backends implement with their ``head_kernels()`` tile kernels and the
+shared schedule of ``catdpo_kernels.fused_head``; the reference backend builds all
+logits, as a naive training step would.
+
 The reduction (``mean``, ``sum``, ``none``, ``category_mean``) is shared and
 lives in ``catdpo_kernels.functional``.
 """
@@ -42,6 +47,16 @@ class Backend:
     def category_table(self, values: torch.Tensor, assignment: CategoryAssignment) -> torch.Tensor:
         """``(C+1, K)`` fp32 sums of ``values`` per stats row."""
         raise NotImplementedError
+
+    def head_kernels(self):
+        """The module of fused-head tile kernels (see ``catdpo_kernels.fused_head``)."""
+        raise NotImplementedError(f"backend {self.name!r} has no fused LM head")
+
+    def linear_loss(self, call, pairs: PairInputs, opts: LossOptions):
+        """``linear_loss()`` on canonical inputs: ``(LossOutput, HeadMetrics or None)``."""
+        from ..fused_head import fused_linear_loss
+
+        return fused_linear_loss(self, call, pairs, opts)
 
     def __repr__(self) -> str:
         return f"<catdpo_kernels backend {self.name!r}>"

@@ -28,3 +28,45 @@ class ReferenceBackend(Backend):
 
     def category_table(self, values, assignment):
         return reference.category_stats(values, assignment.membership(torch.float64))
+
+    def linear_loss(self, call, pairs, opts):
+        """The naive fused-head baseline: all logits ``hidden @ weight.T``, then the naive loss."""
+        from ..functional import pair_stage
+        from ..head import HeadMetrics
+
+        seq = opts.sequence_options()
+        t = call.transform
+        tf = dict(temperature=t.temperature, logit_scale=t.logit_scale, softcap=t.softcap)
+
+        def logps(side, labels):
+            logits = reference.head_logits(side.hidden_rows, side.weight, side.bias, **tf)
+            if call.cu_seqlens is None:
+                logits = logits.view(*call.labels.shape, -1)
+                return reference.sequence_logps(logits, labels, **seq), logits
+            return reference.packed_sequence_logps(logits, labels, call.cu_seqlens, **seq), logits
+
+        policy, logits = logps(call.policy, call.labels)
+        if call.ref_logps is not None:
+            ref = call.ref_logps.detach()
+        else:
+            with torch.no_grad():
+                ref, _ = logps(call.ref, call.labels)
+        metrics = None
+        if call.want_metrics:
+            if call.cu_seqlens is None:
+                m = reference.token_metrics(
+                    logits, call.labels, ignore_index=opts.ignore_index, shift_labels=opts.shift_labels
+                )
+            else:
+                parts = [
+                    reference.token_metrics(
+                        logits[a:b].unsqueeze(0),
+                        call.labels[a:b].unsqueeze(0),
+                        ignore_index=opts.ignore_index,
+                        shift_labels=opts.shift_labels,
+                    )
+                    for a, b in zip(call.cu_seqlens.tolist()[:-1], call.cu_seqlens.tolist()[1:])
+                ]
+                m = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            metrics = HeadMetrics(*(m[k].float() for k in ("entropy", "mean_logit", "top1", "tokens")))
+        return pair_stage(self, policy, ref.to(policy.dtype), pairs, opts), metrics

@@ -23,3 +23,8 @@ class TorchBackend(Backend):
 
     def category_table(self, values, assignment):
         return category_table(values, assignment)
+
+    def head_kernels(self):
+        from ..ops import linear_head_torch
+
+        return linear_head_torch

@@ -34,3 +34,8 @@ class TritonBackend(Backend):
 
     def category_table(self, values, assignment):
         return category_table(values, assignment)
+
+    def head_kernels(self):
+        from ..ops import linear_head_triton
+
+        return linear_head_triton

@@ -12,10 +12,14 @@ What changes relative to ``trl.DPOTrainer``:
   builds such a data set from PKU-SafeRLHF rows;
 * the collator (:class:`CatDPOCollator`) wraps TRL's and adds ``category`` and
   ``unsafe`` tensors in the row convention (``unsafe`` is ``(2B,)``, chosen rows first);
-* ``compute_loss`` runs the policy forward for logits and calls the trainer's
-  :class:`~catdpo_kernels.CatDPOLoss` (``trainer.criterion``, ``shift_labels=True``);
-  the reference log-probs come from TRL (``ref_model``, the PEFT adapter switch,
-  or ``precompute_ref_log_probs``);
+* ``compute_loss`` runs the policy's backbone to its last hidden state and calls the
+  trainer's :class:`~catdpo_kernels.CatDPOLinearLoss` (``trainer.criterion``,
+  ``shift_labels=True``) inside the model's forward: the fused head projects the
+  counted tokens through the output embedding tile by tile, never building the
+  logits (``head="logits"`` uses the full logits and ``CatDPOLoss`` instead;
+  models whose forward is more than the decoder fall back to it with a note). A
+  live ``ref_model`` goes through the fused head too; otherwise the reference
+  log-probs come from TRL (the PEFT adapter switch, or ``precompute_ref_log_probs``);
 * the criterion owns the :class:`~catdpo_kernels.CategoryMargins` (``trainer.margins``)
   and sums the category stats of every training micro-batch;
   ``criterion.update_margins()`` feeds them to the margins once per optimiser step
@@ -33,6 +37,7 @@ What changes relative to ``trl.DPOTrainer``:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,8 +54,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from ..constants import LOSS_TYPES
 from ..margins import CategoryMargins
-from ..modules import CatDPOLoss
+from ..modules import CatDPOLinearLoss, CatDPOLoss
 from ..stats import CategoryStats
+from .hf import add_hidden_head, fused_head_unsupported, head_transform, hidden_states
+
+logger = logging.getLogger(__name__)
 
 MARGINS_FILE = "catdpo_margins.pt"
 _TRL_INPUT_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -103,6 +111,7 @@ class CatDPOTrainer(DPOTrainer):
         backend: ``catdpo_kernels`` backend (``auto``: Triton on CUDA, torch elsewhere).
         average_log_prob, reduction: passed to ``catdpo_kernels.loss``.
         margin_kwargs: ``CategoryMargins`` options (``init``, ``lr``, ``target``, ...).
+        head: ``fused`` (default: the loss from hidden states, no logits) or ``logits``.
 
     ``trainer.criterion`` is built once ``DPOTrainer`` has set ``self.beta``;
     ``trainer.margins`` is ``trainer.criterion.margins``.
@@ -123,6 +132,7 @@ class CatDPOTrainer(DPOTrainer):
         average_log_prob: bool = False,
         reduction: str = "mean",
         margin_kwargs: dict | None = None,
+        head: str = "fused",
         **kwargs,
     ):
         if catdpo_loss_type not in LOSS_TYPES:
@@ -135,10 +145,15 @@ class CatDPOTrainer(DPOTrainer):
                 margins = CategoryMargins(c, names=category_names, **(margin_kwargs or {}))
         elif margin_kwargs:
             raise TypeError("pass either margins= or margin_kwargs=, not both")
+        if head not in ("fused", "logits"):
+            raise ValueError(f"head must be 'fused' or 'logits', got {head!r}")
         self.catdpo_loss_type = catdpo_loss_type
         self.safedpo_margin = float(safedpo_margin)
         super().__init__(*args, **kwargs)
-        self.criterion = CatDPOLoss(
+        self.catdpo_head, note = self._choose_head(head)
+        if note:
+            logger.warning(note)
+        options = dict(
             margins=margins,
             beta=self.beta,
             loss_type=catdpo_loss_type,
@@ -148,10 +163,35 @@ class CatDPOTrainer(DPOTrainer):
             reduction=reduction,
             backend=backend,
             check_inputs=True,
-        ).to(self.accelerator.device)
+        )
+        if self.catdpo_head == "fused":
+            criterion = CatDPOLinearLoss(**options, **head_transform(self._base_model(self.model)))
+        else:
+            criterion = CatDPOLoss(**options)
+        self.criterion = criterion.to(self.accelerator.device)
         if not isinstance(self.data_collator, CatDPOCollator):
             self.data_collator = CatDPOCollator(self.data_collator)
         self.add_callback(_MarginUpdateCallback(self))
+
+    @staticmethod
+    def _base_model(model):
+        """The causal LM under the PEFT (and accelerate) wrappers."""
+        while hasattr(model, "module"):
+            model = model.module
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _choose_head(self, head: str) -> tuple[str, str | None]:
+        """``fused`` when asked for and the model can run it (the policy and a live reference get the
+        ``catdpo_head`` forward); otherwise ``logits``, with a one-line note when it fell back."""
+        if head == "logits":
+            return "logits", None
+        reason = fused_head_unsupported(self._base_model(self.model))
+        if reason is not None:
+            return "logits", f"CatDPOTrainer: fused head unavailable ({reason}); using the model's logits"
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                add_hidden_head(self._base_model(model))
+        return "fused", None
 
     @property
     def margins(self) -> CategoryMargins:
@@ -186,26 +226,50 @@ class CatDPOTrainer(DPOTrainer):
         chosen, rejected = self.compute_ref_log_probs(ref_model, trl_inputs)
         return torch.cat([chosen, rejected])
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        logits = outputs.logits
-        ref_logps = self._reference_logps(model, inputs).to(logits.device)
+    def _reference_inputs(self, model, inputs) -> dict:
+        """The reference side of the loss: the live reference model's hidden states and head for the
+        fused head, else TRL's reference log-probs (precomputed, the reference model, or the PEFT
+        adapter switched off)."""
+        live_ref = self.ref_model is not None and not self.precompute_ref_logps
+        if self.catdpo_head == "fused" and live_ref:
+            with torch.no_grad():
+                h, w, b = hidden_states(
+                    self.ref_model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                )
+            return dict(ref_hidden=h, ref_weight=w, ref_bias=b)
+        ref_logps = self._reference_logps(model, inputs)
         if self.average_log_prob:
             # TRL's reference log-probs (live or precomputed) are sums over the
             # completion; the policy side is averaged, so average the reference too.
-            ref_logps = ref_logps / completion_mask[:, 1:].sum(-1).clamp(min=1).to(ref_logps.dtype)
+            completion = inputs["completion_mask"][:, 1:].sum(-1).clamp(min=1)
+            ref_logps = ref_logps / completion.to(ref_logps.dtype)
+        return dict(ref_logps=ref_logps)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         categories = inputs.get("category")
         if categories is None:
             raise KeyError(
                 "CatDPOTrainer needs a 'category' column (int id in [-1, C) or a multi-hot list of C bools); "
                 "catdpo_kernels.data.pairs_to_dataset builds one from PKU-SafeRLHF rows"
             )
+        ref = self._reference_inputs(model, inputs)
         # Training calls add their stats to the step's sum, evaluation calls to the evaluation sum.
         self.criterion.train(mode == "train")
-        out = self.criterion(logits, labels, categories, ref_logps=ref_logps, unsafe=inputs.get("unsafe"))
+        flags = dict(unsafe=inputs.get("unsafe"), **ref)
+        model_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        if self.catdpo_head == "fused":
+            # The loss runs inside the model's forward (DDP/FSDP/ZeRO-3 hooks see it), on the
+            # last hidden state and the output embedding: no (2B, T, V) logits.
+            def head(hidden, weight, bias):
+                return self.criterion(hidden, weight, labels, categories, bias=bias, **flags)
+
+            outputs = None
+            out = model(**model_inputs, catdpo_head=head)
+        else:
+            outputs = model(**model_inputs)
+            out = self.criterion(outputs.logits, labels, categories, **flags)
         if self.criterion.options.check_inputs:  # the first call checked the values; the rest only shapes
             self._set_loss_options(check_inputs=False)
         self._log_pair_metrics(mode, out)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..pairs import PairInputs
+from .first_order import first_order
 
 
 def _sigmoid(h, z, beta):
@@ -36,7 +36,7 @@ class _PairLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_loss):
         (dldh,) = ctx.saved_tensors
         g = grad_loss * dldh

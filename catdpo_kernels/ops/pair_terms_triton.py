@@ -11,6 +11,7 @@ from ..kernels.pair_terms import pair_terms_kernel
 from ..loss_types import FAMILIES
 from ..pairs import PairInputs
 from .device_guard import on_device_of
+from .first_order import refuse_double_backward
 
 _BLOCK_B = 128
 
@@ -75,6 +76,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_dldh):
+    refuse_double_backward()
     (dldh,) = ctx.saved_tensors
     g = grad_loss * dldh
     # ∂h/∂π_w = 1, ∂h/∂π_l = −1.

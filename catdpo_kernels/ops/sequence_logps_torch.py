@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from .first_order import first_order
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -153,7 +154,7 @@ class SequenceLogpsTorch(torch.autograd.Function):
         return logps, counts
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_logps, _grad_counts):
         logits, labels, counts = ctx.saved_tensors
         ignore_index, average_log_prob, shift_labels, inplace_backward = ctx.opts

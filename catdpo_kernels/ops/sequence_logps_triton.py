@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..kernels.sequence_logps import logits_grad_kernel, row_reduce_kernel, token_logps_kernel
 from .device_guard import on_device_of
+from .first_order import refuse_double_backward
 from .triton_config import vocab_loop_config
 
 _ROW_BLOCK_T = 1024
@@ -168,6 +169,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_policy, _grad_ref, _grad_max_logsum, _grad_counts):
+    refuse_double_backward()
     policy, labels, max_logsum, counts = ctx.saved_tensors
     ignore_index, shift, average, inplace = ctx.opts
     if grad_policy is None:

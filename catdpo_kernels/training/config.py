@@ -17,6 +17,7 @@ from ..data import PREFERENCE_KEYS
 
 COMPARE_LOSS_TYPES = ("dpo", "safedpo", "catdpo")
 BACKEND_CHOICES = ("auto", "triton", "torch", "reference")
+HEAD_CHOICES = ("fused", "logits")
 ON_OFF = ("auto", "on", "off")
 TINY = "tiny default model only"
 
@@ -66,12 +67,18 @@ class TrainConfig:
     # loss
     loss_type: str = option("catdpo", choices=LOSS_TYPES)
     backend: str = option("auto", choices=BACKEND_CHOICES)
+    head: str = option(
+        "fused",
+        "fused: the loss from the last hidden states and the output embedding, never building the logits; "
+        "logits: from the model's full logits (models the fused head cannot run fall back to it)",
+        choices=HEAD_CHOICES,
+    )
     beta: float = option(0.1)
     safedpo_margin: float = option(0.5, "SafeDPO's global margin")
     average_log_prob: bool = option(False)
     reduction: str = option("mean", choices=("mean", "sum", "category_mean"))
     inplace_backward: bool = option(
-        False, "write the logits gradient into the logits buffer (saves a (2B,T,V) allocation)"
+        False, "--head logits only: write the logits gradient into the logits buffer (saves a (2B,T,V) allocation)"
     )
     # CategoryMargins (defaults are CategoryMargins' own)
     margin_init: float = option(0.5)
@@ -129,6 +136,7 @@ RESUME_FREE = frozenset(
         "plot",
         "quiet",
         "backend",
+        "head",
         "device",
         "bf16",
     }
@@ -172,6 +180,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
     if cfg.bf16 not in ON_OFF:
         raise ValueError(f"bf16 must be auto, on or off, got {cfg.bf16!r}")
+    if cfg.head not in HEAD_CHOICES:
+        raise ValueError(f"head must be one of {HEAD_CHOICES}, got {cfg.head!r}")
+    if cfg.inplace_backward and cfg.head != "logits":
+        raise ValueError("--inplace-backward applies to --head logits (the fused head never builds logits)")
     for name in ("batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..margins import CategoryMargins
-from ..modules import CatDPOLoss
+from ..modules import CatDPOLinearLoss, CatDPOLoss
 from .config import TrainConfig
 
 
@@ -44,9 +44,10 @@ def make_margins(cfg: TrainConfig, names) -> CategoryMargins:
     return CategoryMargins(len(names), init=init, lr=0.0, min_margin=min(init, 0.0), max_margin=max(init, 0.0), **kw)
 
 
-def make_criterion(cfg: TrainConfig, names) -> CatDPOLoss:
-    """One ``CatDPOLoss`` for the whole run (``shift_labels=True``: the labels are aligned with the inputs)."""
-    return CatDPOLoss(
+def make_criterion(cfg: TrainConfig, names, head: str = "logits", transform: dict | None = None) -> CatDPOLoss:
+    """One criterion for the whole run (``shift_labels=True``: the labels are aligned with the inputs):
+    ``CatDPOLinearLoss`` with the model's logit transform for the fused head, ``CatDPOLoss`` for logits."""
+    options = dict(
         margins=make_margins(cfg, names),
         beta=cfg.beta,
         loss_type=cfg.loss_type,
@@ -56,8 +57,10 @@ def make_criterion(cfg: TrainConfig, names) -> CatDPOLoss:
         reduction=cfg.reduction,
         backend=cfg.backend,
         check_inputs=True,
-        inplace_backward=cfg.inplace_backward,
     )
+    if head == "fused":
+        return CatDPOLinearLoss(**options, **(transform or {}))
+    return CatDPOLoss(**options, inplace_backward=cfg.inplace_backward)
 
 
 def stop_input_checks(criterion: CatDPOLoss) -> None:
@@ -71,5 +74,8 @@ def stop_input_checks(criterion: CatDPOLoss) -> None:
 
 
 def eval_loss_kwargs(criterion: CatDPOLoss) -> dict:
-    """The criterion's ``loss()`` arguments for a held-out call: per-pair losses, inputs checked."""
-    return dict(criterion.loss_kwargs(), reduction="none", check_inputs=True)
+    """The criterion's ``loss()`` / ``linear_loss()`` arguments for a held-out call: per-pair losses, inputs checked."""
+    kwargs = dict(criterion.loss_kwargs(), reduction="none", check_inputs=True)
+    if isinstance(criterion, CatDPOLinearLoss):
+        kwargs.pop("inplace_backward")  # the logit transform comes with model.bind_loss
+    return kwargs

@@ -16,14 +16,13 @@ from __future__ import annotations
 import torch
 
 from ..constants import NUM_STATS
-from ..functional import loss
 from ..modules import CatDPOLoss
 from ..stats import CategoryStats
 from .batches import Split, collate
 from .config import TrainConfig
 from .criterion import eval_loss_kwargs
 from .distributed import all_reduce_sum, rank_world
-from .model import logits
+from .model import batch_loss, bind_loss
 
 # The pair-level sums of an evaluation, in the order of the ``(6,)`` float64 vector.
 PAIR_SUMS = ("safety_pairs", "unsafe", "soft_unsafe", "benign_pairs", "benign_correct", "loss_sum")
@@ -31,12 +30,22 @@ PAIR_SUMS = ("safety_pairs", "unsafe", "soft_unsafe", "benign_pairs", "benign_co
 
 @torch.no_grad()
 def evaluate(
-    policy, ref_model, split: Split, cfg: TrainConfig, criterion: CatDPOLoss, pad_id: int, device, step: int
+    policy,
+    ref_model,
+    split: Split,
+    cfg: TrainConfig,
+    criterion: CatDPOLoss,
+    pad_id: int,
+    device,
+    step: int,
+    *,
+    head: str = "logits",
+    transform: dict | None = None,
 ) -> dict:
     """Held-out results of ``policy`` at ``step`` (see the module docstring); the same dict on every rank."""
     was_training = policy.training
     policy.eval()
-    stats, pair_sums = _held_out_sums(policy, ref_model, split, cfg, criterion, pad_id, device)
+    stats, pair_sums = _held_out_sums(policy, ref_model, split, cfg, criterion, pad_id, device, head, transform or {})
     if was_training:
         policy.train()
     margins = criterion.margins
@@ -53,22 +62,17 @@ def evaluate(
     )
 
 
-def _held_out_sums(policy, ref_model, split: Split, cfg, criterion, pad_id, device):
+def _held_out_sums(policy, ref_model, split: Split, cfg, criterion, pad_id, device, head, transform):
     """This rank's share of the held-out pairs, summed and all-reduced: ``(CategoryStats, (6,) PAIR_SUMS)``."""
     rank, world = rank_world()
-    kwargs = eval_loss_kwargs(criterion)
+    loss_fn = bind_loss(head, transform, **eval_loss_kwargs(criterion))
     tables = [torch.zeros(criterion.num_categories + 1, NUM_STATS, dtype=torch.float64)]
     pair_sums = torch.zeros(len(PAIR_SUMS), dtype=torch.float64)
     mine = list(range(rank, len(split.tokenized), world))
     for start in range(0, len(mine), cfg.batch_size):
         idx = mine[start : start + cfg.batch_size]
         batch = collate(split, idx, pad_id, device)
-        policy_logits = logits(policy, batch, device, cfg)
-        if "ref_logps" in batch:
-            ref = dict(ref_logps=batch["ref_logps"])
-        else:
-            ref = dict(ref_logits=logits(ref_model, batch, device, cfg))
-        out = loss(policy_logits, batch["labels"], batch["categories"], unsafe=batch["unsafe"], **ref, **kwargs)
+        out = batch_loss(head, policy, ref_model, batch, device, cfg, loss_fn, transform)
         tables.append(out.category_stats.double().cpu())
         _add_pair_sums(pair_sums, out, batch["unsafe"].cpu(), len(idx))
     return CategoryStats.sum(tables).all_reduce(), all_reduce_sum(pair_sums)

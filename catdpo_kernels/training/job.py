@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from .. import data as D
+from .._ext import extension_source
+from ..backends import resolve_backend
 from ..margins import CategoryMargins
 from ..modules import CatDPOLoss
 from .batches import Split, load_splits
@@ -23,7 +25,7 @@ from .checkpoint import load_resume_state, restore_progress, seed_all
 from .config import TrainConfig
 from .criterion import make_criterion
 from .distributed import pick_device, rank_world
-from .model import build_model_and_tokenizer, build_reference, reference_logps
+from .model import build_model_and_tokenizer, build_reference, choose_head, reference_logps
 
 
 @dataclass
@@ -42,6 +44,9 @@ class Job:
     """The policy, wrapped in ``DistributedDataParallel`` when ``world > 1``."""
     ref_model: torch.nn.Module
     criterion: CatDPOLoss
+    head: str
+    """``fused`` or ``logits``: how a batch becomes a loss (``model.batch_loss``)."""
+    head_transform: dict
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resumed: bool = False
@@ -95,17 +100,22 @@ def build_job(cfg: TrainConfig) -> Job:
     if state is not None:
         policy.load_state_dict(state["model"])
     ref_model = build_reference(policy, cfg, state, device)
-    criterion = make_criterion(cfg, names).to(device)
+    head, transform, note = choose_head(cfg, policy, ref_model)
+    criterion = make_criterion(cfg, names, head, transform).to(device)
     if state is not None:
         criterion.margins.load_state_dict(state["margins"])
     if cfg.precompute_ref:
-        _precompute_reference(cfg, state, ref_model, train_split, held_split, tok.pad_token_id, device)
+        _precompute_reference(cfg, state, ref_model, train_split, held_split, tok.pad_token_id, device, head, transform)
 
     n_params = sum(p.numel() for p in policy.parameters())
     log(
         f"model: {cfg.model or 'tiny random Llama'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}), "
-        f"device {device}, world size {world}, loss {cfg.loss_type}, backend {cfg.backend}"
+        f"device {device}, world size {world}"
     )
+    log(f"loss: {cfg.loss_type} on backend {resolve_backend(cfg.backend, device).name}, {head} head")
+    if note:
+        log(f"note: {note}")
+    log(f"compiled extension: {extension_status()}")
     model, optimizer, scheduler = _optimisation(cfg, policy, device, world)
     job = Job(
         cfg=cfg,
@@ -121,6 +131,8 @@ def build_job(cfg: TrainConfig) -> Job:
         model=model,
         ref_model=ref_model,
         criterion=criterion,
+        head=head,
+        head_transform=transform,
         optimizer=optimizer,
         scheduler=scheduler,
         resumed=state is not None,
@@ -131,14 +143,17 @@ def build_job(cfg: TrainConfig) -> Job:
     return job
 
 
-def _precompute_reference(cfg, state, ref_model, train_split: Split, held_split: Split, pad_id, device) -> None:
+def _precompute_reference(
+    cfg, state, ref_model, train_split: Split, held_split: Split, pad_id, device, head, transform
+) -> None:
     """``--precompute-ref``: both splits' reference log-probs, computed once (or taken from the checkpoint)."""
     if state is not None and "ref_logps" in state:
         train_split.ref_logps, held_split.ref_logps = state["ref_logps"]
         return
     num_categories = len(train_split.report.category_names)
-    train_split.ref_logps = reference_logps(ref_model, train_split, cfg, pad_id, device, num_categories)
-    held_split.ref_logps = reference_logps(ref_model, held_split, cfg, pad_id, device, num_categories)
+    args = (cfg, pad_id, device, num_categories, head, transform)
+    train_split.ref_logps = reference_logps(ref_model, train_split, *args)
+    held_split.ref_logps = reference_logps(ref_model, held_split, *args)
 
 
 def _optimisation(cfg: TrainConfig, policy, device: torch.device, world: int):
@@ -153,3 +168,14 @@ def _optimisation(cfg: TrainConfig, policy, device: torch.device, world: int):
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     )
     return model, optimizer, scheduler
+
+
+def extension_status() -> str:
+    """How the compiled segment-reduce op is provided: ahead of time, JIT, or the pure-torch fallback."""
+    source = extension_source()
+    return {
+        "aot": "loaded (built at install)",
+        "jit": "loaded (JIT-built)",
+        "fallback": "not available, using the pure-torch fallback",
+        "disabled": "disabled (CATDPO_DISABLE_EXT)",
+    }.get(source, source)

@@ -30,7 +30,7 @@ from .config import COMPARE_LOSS_TYPES, TrainConfig, check_config
 from .criterion import stop_input_checks
 from .evaluation import evaluate
 from .job import Job, build_job
-from .model import logits
+from .model import batch_loss
 from .report import MetricsLog, format_compare_table, format_eval_table, plot_history, progress_postfix
 
 
@@ -75,7 +75,16 @@ def _train(cfg: TrainConfig) -> dict:
 
 def _evaluate(job: Job, metrics: MetricsLog) -> dict:
     ev = evaluate(
-        job.policy, job.loop_ref_model, job.held_split, job.cfg, job.criterion, job.pad_id, job.device, job.step
+        job.policy,
+        job.loop_ref_model,
+        job.held_split,
+        job.cfg,
+        job.criterion,
+        job.pad_id,
+        job.device,
+        job.step,
+        head=job.head,
+        transform=job.head_transform,
     )
     job.evals.append(ev)
     metrics.write({"kind": "eval", **ev})
@@ -145,13 +154,9 @@ def _train_step(job: Job, epoch: int, micro: list[list[int]], t_loop: float) -> 
 
 def _micro_batch_loss(job: Job, batch: dict):
     """Policy (and reference) forward and the criterion: the micro-batch's ``LossOutput``."""
-    policy_logits = logits(job.model, batch, job.device, job.cfg)
-    if "ref_logps" in batch:
-        ref = dict(ref_logps=batch["ref_logps"])
-    else:
-        with torch.no_grad():
-            ref = dict(ref_logits=logits(job.loop_ref_model, batch, job.device, job.cfg))
-    out = job.criterion(policy_logits, batch["labels"], batch["categories"], unsafe=batch["unsafe"], **ref)
+    out = batch_loss(
+        job.head, job.model, job.loop_ref_model, batch, job.device, job.cfg, job.criterion, job.head_transform
+    )
     stop_input_checks(job.criterion)  # the first call checked the values; the rest only shapes
     return out
 
