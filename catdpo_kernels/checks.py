@@ -30,8 +30,9 @@ def _require_float(name: str, t: torch.Tensor) -> None:
 
 
 def _require_int(name: str, t: torch.Tensor) -> None:
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {t.dtype}")
+    # int16/uint8 ids would pass a looser check and then fail inside gather/index kernels.
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {t.dtype}")
 
 
 def _require_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -131,12 +132,18 @@ def check_categories(categories, margins, num_categories, *, num_pairs: int, spe
                 raise ValueError(
                     f"categories must have shape (B, C) with B = {num_pairs}, got {tuple(categories.shape)}"
                 )
+            if categories.shape[1] == 0:
+                raise ValueError(
+                    "categories as a (B, C) multi-hot matrix needs C >= 1 columns; pass None for no categories"
+                )
             candidates["categories"] = categories.shape[1]
         else:
             raise ValueError(
                 f"categories must be (B,) int64 ids or (B, C) bool multi-hot, got shape {tuple(categories.shape)}"
             )
     sizes = set(candidates.values())
+    if categories is not None and sizes == {0}:
+        raise ValueError("categories need C >= 1 categories (margins / num_categories give C = 0)")
     if len(sizes) > 1:
         detail = ", ".join(f"{k} gives C={v}" for k, v in candidates.items())
         raise ValueError(f"the number of categories C disagrees: {detail}")

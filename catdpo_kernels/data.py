@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -175,11 +178,19 @@ def validate_row(row: Any, categories: Sequence[str] = PKU_SAFERLHF_CATEGORIES) 
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    # Binary, decoded per line: a bad byte is then one malformed row with its line number,
+    # where a text-mode read would abort the whole file with a bare UnicodeDecodeError.
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            loc = f"{path.name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start : e.end].hex(" ")
+                yield loc, _Unparsable(f"invalid UTF-8 ({e.reason}: byte(s) {bad} at byte column {e.start + 1})")
+                continue
             if not line.strip():
                 continue  # a blank line holds no row
-            loc = f"{path.name}:{lineno}"
             try:
                 yield loc, json.loads(line)
             except json.JSONDecodeError as e:
@@ -189,8 +200,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-        yield f"{path.name}[row {i}]", row
+    # Batch by batch: a limit does not need the whole file as Python objects.
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield f"{path.name}[row {i}]", row
+            i += 1
 
 
 def _iter_hub(name: str, split: str, config: str | None) -> Iterator[tuple[str, Any]]:
@@ -208,8 +223,30 @@ class _Unparsable:
         self.reason = reason
 
 
-def _resolve_source(source: str | Path, split: str) -> tuple[str, Path | None]:
-    path = Path(source)
+# A file extension: a dot and a letter-led suffix (``.jsonl``, ``.csv``, ``.gz``); ``2.5`` in a
+# hub name such as ``teknium/OpenHermes-2.5`` is a version, not an extension.
+_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,9}$")
+
+
+def _looks_like_hub_name(text: str) -> bool:
+    """A bare ``owner/name``: one ``/``, nothing path-like around it."""
+    parts = text.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not text.startswith((".", "~"))
+        and "\\" not in text
+        and not _EXTENSION.search(parts[1])
+    )
+
+
+def _resolve_source(source: str | os.PathLike, split: str) -> tuple[str, Path | None]:
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a path or a hub data set name, got {type(source).__name__}")
+    if isinstance(source, str) and not source.strip():
+        # Path("") is ".": an empty --data would silently read the working directory.
+        raise ValueError("source is empty: pass a data file, a directory or a hub data set name")
+    path = Path(source).expanduser()
     if path.is_dir():
         for ext in (".jsonl", ".json", ".parquet"):
             candidate = path / f"{split}{ext}"
@@ -218,9 +255,64 @@ def _resolve_source(source: str | Path, split: str) -> tuple[str, Path | None]:
         raise FileNotFoundError(f"{path} holds no {split}.jsonl / {split}.json / {split}.parquet")
     if path.is_file():
         return str(path), path
-    if path.suffix in (".jsonl", ".json", ".parquet") or str(source).startswith((".", "/")):
-        raise FileNotFoundError(f"no such data file: {source}")
-    return str(source), None  # a hub data set name, e.g. PKU-Alignment/PKU-SafeRLHF
+    # Only a str can name a hub data set; a mistyped local path must fail here and now, not
+    # after a hub lookup that ends ~30 s later in a ConnectionError.
+    if not isinstance(source, str) or not _looks_like_hub_name(source):
+        raise FileNotFoundError(
+            f"no such data file or directory: {source} (a hub data set is named owner/name, e.g. "
+            "PKU-Alignment/PKU-SafeRLHF)"
+        )
+    return source, None  # a hub data set name, e.g. PKU-Alignment/PKU-SafeRLHF
+
+
+def _check_limit(limit) -> int | None:
+    # limit=0 used to return one row (the check ran after the first append), limit=-1 too.
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise ValueError(f"limit must be an int >= 1 (or None: no limit), got {limit!r}")
+    return None if limit is None else int(limit)
+
+
+def _open_source(source, split: str, config: str | None) -> tuple[str, Iterator[tuple[str, Any]]]:
+    if source is None:
+        source = SAMPLE_DIR
+    name, path = _resolve_source(source, split)
+    if path is None:
+        return name, _iter_hub(name, split, config)
+    if path.suffix == ".parquet":
+        return name, _iter_parquet(path)
+    return name, _iter_jsonl(path)
+
+
+def _checked_rows(
+    name: str, records: Iterable[tuple[str, Any]], categories: Sequence[str], issues: list[RowIssue]
+) -> Iterator[SchemaRow]:
+    """The valid rows of ``records``, lazily; the malformed ones are appended to ``issues``."""
+    for loc, record in records:
+        problems = [record.reason] if isinstance(record, _Unparsable) else validate_row(record, categories)
+        if problems:
+            issues.append(RowIssue(loc, "; ".join(problems)))
+            continue
+        yield SchemaRow(loc, record)
+
+
+def _finish_reading(name: str, n_valid: int, issues: list[RowIssue], on_error: str) -> None:
+    """After reading: raise for malformed rows (``on_error="raise"``) or for a source with no usable row;
+    warn about skipped rows."""
+    if issues and on_error == "raise":
+        raise MalformedRowError(name, issues)
+    if n_valid == 0:
+        if not issues:
+            raise ValueError(f"{name} holds no rows (an empty file or data set, or blank lines only)")
+        raise ValueError(
+            f"{name} holds no usable rows: all {len(issues)} row(s) are malformed and were skipped (first: {issues[0]})"
+        )
+    if issues:
+        warnings.warn(
+            f"skipped {len(issues)} malformed row(s) of {name}: "
+            + "; ".join(str(i) for i in issues[:3])
+            + (" ..." if len(issues) > 3 else ""),
+            stacklevel=3,
+        )
 
 
 def read_pku_saferlhf(
@@ -245,40 +337,28 @@ def read_pku_saferlhf(
             row with its line number; ``"skip"`` skips them, returns them in ``issues`` and
             warns.
         categories: the harm-category names each ``response_*_harm_category`` dict must hold.
-        limit: read at most this many valid rows.
+        limit: read at most this many valid *rows* (``None``: all; else an int >= 1). Rows,
+            not pairs: the SafeDPO transform may drop some of them; :func:`load_pairs`'s
+            ``limit`` counts pairs.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (only a bare ``owner/name`` is taken
+            for a hub data set).
+        MalformedRowError: malformed rows (invalid JSON or UTF-8, schema violations) with
+            ``on_error="raise"``.
+        ValueError: a source with no rows, or (``on_error="skip"``) with no valid row.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if source is None:
-        source = SAMPLE_DIR
-    name, path = _resolve_source(source, split)
-    if path is None:
-        records: Iterable[tuple[str, Any]] = _iter_hub(name, split, config)
-    elif path.suffix == ".parquet":
-        records = _iter_parquet(path)
-    else:
-        records = _iter_jsonl(path)
-    rows, issues = [], []
-    for loc, record in records:
-        if isinstance(record, _Unparsable):
-            problems = [record.reason]
-        else:
-            problems = validate_row(record, categories)
-        if problems:
-            issues.append(RowIssue(loc, "; ".join(problems)))
-            continue
-        rows.append(SchemaRow(loc, record))
+    limit = _check_limit(limit)
+    name, records = _open_source(source, split, config)
+    rows: list[SchemaRow] = []
+    issues: list[RowIssue] = []
+    for item in _checked_rows(name, records, categories, issues):
+        rows.append(item)
         if limit is not None and len(rows) >= limit:
             break
-    if issues and on_error == "raise":
-        raise MalformedRowError(name, issues)
-    if issues:
-        warnings.warn(
-            f"skipped {len(issues)} malformed row(s) of {name}: "
-            + "; ".join(str(i) for i in issues[:3])
-            + (" ..." if len(issues) > 3 else ""),
-            stacklevel=2,
-        )
+    _finish_reading(name, len(rows), issues, on_error)
     return ReadResult(name, rows, issues)
 
 
@@ -381,47 +461,60 @@ def safedpo_transform(
     A kept safe-vs-unsafe pair gets the harm categories of its unsafe (rejected)
     response as a multi-hot tuple; a both-safe pair gets none (all ``False``).
     """
-    if preference_key not in PREFERENCE_KEYS:
-        raise ValueError(f"preference_key must be one of {PREFERENCE_KEYS}, got {preference_key!r}")
-    names = tuple(categories)
+    names = _check_preference_key(preference_key, categories)
     report = TransformReport(category_names=names, category_counts=[0] * len(names))
     if isinstance(rows, ReadResult):
         report.skipped_malformed = list(rows.issues)
         rows = rows.rows
     pairs = []
     for i, item in enumerate(rows):
-        loc, row = (item.location, item.data) if isinstance(item, SchemaRow) else (f"row {i}", item)
-        report.rows += 1
-        if row.get(preference_key) is None:
-            raise ValueError(f"{loc}: {preference_key} is missing; cannot pick a winner")
-        w = int(row[preference_key])
-        l = 1 - w  # noqa: E741
-        unsafe = (not row["is_response_0_safe"], not row["is_response_1_safe"])
-        if unsafe[w] and unsafe[l]:
-            report.dropped_both_unsafe += 1
-            report.dropped_locations.append(loc)
-            continue
-        swapped = unsafe[w] and not unsafe[l]
-        if swapped:
-            w, l = l, w  # noqa: E741
-        if unsafe[l]:
-            harm = row[f"response_{l}_harm_category"]
-            cats = tuple(bool(harm[n]) for n in names)
-        else:
-            cats = (False,) * len(names)
-        pair = PreferencePair(
-            prompt=row["prompt"],
-            chosen=row[f"response_{w}"],
-            rejected=row[f"response_{l}"],
-            chosen_unsafe=unsafe[w],
-            rejected_unsafe=unsafe[l],
-            categories=cats,
-            location=loc,
-            swapped=swapped,
-        )
-        report.add_pair(pair)
-        pairs.append(pair)
+        pair = _transform_row(item, i, names, preference_key, report)
+        if pair is not None:
+            pairs.append(pair)
     return pairs, report
+
+
+def _check_preference_key(preference_key: str, categories: Sequence[str]) -> tuple[str, ...]:
+    if preference_key not in PREFERENCE_KEYS:
+        raise ValueError(f"preference_key must be one of {PREFERENCE_KEYS}, got {preference_key!r}")
+    return tuple(categories)
+
+
+def _transform_row(
+    item: SchemaRow | dict, index: int, names: tuple[str, ...], preference_key: str, report: TransformReport
+) -> PreferencePair | None:
+    """One row through the SafeDPO transform, counted in ``report``; ``None`` when it is dropped."""
+    loc, row = (item.location, item.data) if isinstance(item, SchemaRow) else (f"row {index}", item)
+    report.rows += 1
+    if row.get(preference_key) is None:
+        raise ValueError(f"{loc}: {preference_key} is missing; cannot pick a winner")
+    w = int(row[preference_key])
+    l = 1 - w  # noqa: E741
+    unsafe = (not row["is_response_0_safe"], not row["is_response_1_safe"])
+    if unsafe[w] and unsafe[l]:
+        report.dropped_both_unsafe += 1
+        report.dropped_locations.append(loc)
+        return None
+    swapped = unsafe[w] and not unsafe[l]
+    if swapped:
+        w, l = l, w  # noqa: E741
+    if unsafe[l]:
+        harm = row[f"response_{l}_harm_category"]
+        cats = tuple(bool(harm[n]) for n in names)
+    else:
+        cats = (False,) * len(names)
+    pair = PreferencePair(
+        prompt=row["prompt"],
+        chosen=row[f"response_{w}"],
+        rejected=row[f"response_{l}"],
+        chosen_unsafe=unsafe[w],
+        rejected_unsafe=unsafe[l],
+        categories=cats,
+        location=loc,
+        swapped=swapped,
+    )
+    report.add_pair(pair)
+    return pair
 
 
 def load_pairs(
@@ -433,9 +526,38 @@ def load_pairs(
     preference_key: str = "better_response_id",
     limit: int | None = None,
 ) -> tuple[list[PreferencePair], TransformReport]:
-    """:func:`read_pku_saferlhf` followed by :func:`safedpo_transform`."""
-    read = read_pku_saferlhf(source, split=split, config=config, on_error=on_error, limit=limit)
-    return safedpo_transform(read, preference_key=preference_key)
+    """:func:`read_pku_saferlhf` followed by :func:`safedpo_transform`, row by row.
+
+    ``limit`` counts the returned *pairs* (after the transform drops both-unsafe rows), so
+    a file and a directory of the same rows give the same pairs; reading stops as soon as
+    ``limit`` pairs are kept, so a large (hub) data set is not read to the end. Malformed
+    rows are then those met before that point. Raises ``ValueError`` when no pair is left
+    (besides :func:`read_pku_saferlhf`'s errors).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    limit = _check_limit(limit)
+    names = _check_preference_key(preference_key, PKU_SAFERLHF_CATEGORIES)
+    name, records = _open_source(source, split, config)
+    report = TransformReport(category_names=names, category_counts=[0] * len(names))
+    issues: list[RowIssue] = []
+    pairs: list[PreferencePair] = []
+    n_valid = 0
+    for i, item in enumerate(_checked_rows(name, records, names, issues)):
+        n_valid += 1
+        pair = _transform_row(item, i, names, preference_key, report)
+        if pair is not None:
+            pairs.append(pair)
+            if limit is not None and len(pairs) >= limit:
+                break
+    _finish_reading(name, n_valid, issues, on_error)
+    report.skipped_malformed = list(issues)
+    if not pairs:
+        raise ValueError(
+            f"{name} gives no preference pairs: all {report.rows} valid row(s) are both-unsafe pairs, "
+            "which the SafeDPO transform drops"
+        )
+    return pairs, report
 
 
 def pairs_to_dataset(pairs: Sequence[PreferencePair]):

@@ -26,17 +26,23 @@ def sequence_logps(
     ignore_index: int = -100,
     average_log_prob: bool = False,
     shift_labels: bool = False,
+    exact_ignored: bool = True,
 ) -> torch.Tensor:
     """Sum (or mean) over unmasked tokens of ``log_softmax(logits)[label]``: ``(N,)``.
 
     A label that is neither ``ignore_index`` nor in ``[0, V)`` gives NaN for its
-    sequence instead of an out-of-bounds read.
+    sequence instead of an out-of-bounds read. ``exact_ignored`` zeroes the logits
+    of ignored positions first, so that their gradient is exactly 0 whatever they
+    hold (NaN·0 is NaN); ``False`` is the plain TRL-style loss the benchmarks time.
     """
     if shift_labels:
         logits, labels = logits[:, :-1], labels[:, 1:]
     vocab = logits.shape[-1]
-    logp = logits.to(compute_dtype(logits.dtype)).log_softmax(-1)
     mask = labels != ignore_index
+    x = logits.to(compute_dtype(logits.dtype))
+    if exact_ignored:
+        x = torch.where(mask.unsqueeze(-1), x, 0.0)
+    logp = x.log_softmax(-1)
     valid = (labels >= 0) & (labels < vocab)
     safe = torch.where(mask & valid, labels, torch.zeros_like(labels))
     tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -118,12 +124,19 @@ def catdpo_loss(
     ignore_index: int = -100,
     average_log_prob: bool = False,
     shift_labels: bool = False,
+    exact_ignored: bool = True,
 ):
     """The whole naive loss on canonical inputs (``loss()`` builds them).
 
     Returns ``(per-pair loss (B,), policy_logps, ref_logps, category_stats)``.
+    ``exact_ignored=False`` is the plain TRL-style loss (see ``sequence_logps``).
     """
-    seq = dict(ignore_index=ignore_index, average_log_prob=average_log_prob, shift_labels=shift_labels)
+    seq = dict(
+        ignore_index=ignore_index,
+        average_log_prob=average_log_prob,
+        shift_labels=shift_labels,
+        exact_ignored=exact_ignored,
+    )
     policy = sequence_logps(policy_logits, labels, **seq)
     if ref_logps is None:
         with torch.no_grad():
@@ -141,10 +154,11 @@ def head_logits(hidden, weight, bias=None, *, temperature=1.0, logit_scale=1.0, 
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
-    z = z * logit_scale
+    if logit_scale != 1.0:
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return z / temperature
+    return z if temperature == 1.0 else z / temperature
 
 
 def packed_sequence_logps(logits, labels, cu_seqlens, **seq) -> torch.Tensor:

@@ -85,8 +85,11 @@ def test_shift_labels_needs_two_tokens(batch):
 # ------------------------------------------------------------------- labels
 def test_labels_type_dtype_shape(batch):
     raises(batch, TypeError, "labels.*torch.Tensor", labels=batch["labels"].tolist())
-    raises(batch, TypeError, "labels.*integer", labels=batch["labels"].float())
-    raises(batch, TypeError, "labels.*integer", labels=batch["labels"] >= 0)
+    raises(batch, TypeError, "labels.*int64 or int32", labels=batch["labels"].float())
+    raises(batch, TypeError, "labels.*int64 or int32", labels=batch["labels"] >= 0)
+    # Narrow integer types passed an is-integer check before and then failed inside gather.
+    raises(batch, TypeError, "labels.*int64 or int32.*int16", labels=batch["labels"].to(torch.int16))
+    raises(batch, TypeError, "labels.*int64 or int32.*uint8", labels=batch["labels"].clamp(min=0).to(torch.uint8))
     raises(batch, ValueError, r"labels.*\(2B, T\)", labels=batch["labels"][:, :-1])
     raises(batch, ValueError, r"labels.*\(2B, T\)", labels=batch["labels"].reshape(-1))
 
@@ -137,7 +140,13 @@ def test_categories_out_of_range(batch):
 
 
 def test_categories_wrong_dtype_or_shape(batch):
-    raises(batch, TypeError, "categories.*integer", categories=batch["categories"].float())
+    raises(batch, TypeError, "categories.*int64 or int32", categories=batch["categories"].float())
+    raises(batch, TypeError, "categories.*int64 or int32", categories=batch["categories"].to(torch.int8))
+    # C = 0 used to pass every check and then fail inside max().
+    raises(batch, ValueError, "C >= 1", categories=torch.zeros(B, 0, dtype=torch.bool), margins=None, loss_type="dpo")
+    raises(
+        batch, ValueError, "C >= 1", categories=torch.full((B,), -1), margins=None, loss_type="dpo", num_categories=0
+    )
     raises(batch, ValueError, r"categories.*\(B,\)", categories=batch["categories"][:1])
     raises(batch, ValueError, "categories", categories=batch["categories"].reshape(1, 1, -1))
     raises(batch, TypeError, "categories.*torch.Tensor", categories=[0, 1])

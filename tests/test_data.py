@@ -363,3 +363,127 @@ def test_hub_source_goes_through_load_dataset(monkeypatch):
     assert calls == [("PKU-Alignment/PKU-SafeRLHF", "alpaca3-8b", "test")]
     with pytest.raises(FileNotFoundError):
         D.read_pku_saferlhf("./no/such/file.jsonl")
+
+
+# -------------------------------------------------------------- faults and bad input
+def test_invalid_utf8_is_a_malformed_row_with_its_line(tmp_path):
+    path = tmp_path / "enc.jsonl"
+    broken = json.dumps(row()).encode().replace(b"answer zero", b"answer \xff\xfe zero")
+    unicode_ok = json.dumps(row(prompt="Wie geht's? ünïcödé ✓"), ensure_ascii=False).encode()
+    path.write_bytes(b"\n".join([json.dumps(row()).encode(), broken, unicode_ok]) + b"\n")
+    with pytest.raises(D.MalformedRowError) as exc:
+        D.read_pku_saferlhf(path)
+    [issue] = exc.value.issues
+    assert issue.location == "enc.jsonl:2" and issue.reason.startswith("invalid UTF-8 (invalid start byte")
+    column = broken.index(bytes([0xFF])) + 1
+    assert f"byte(s) ff at byte column {column})" in issue.reason  # the offending byte and where
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed row\(s\) of .*enc.jsonl:2: invalid UTF-8"):
+        res = D.read_pku_saferlhf(path, on_error="skip")
+    assert [r.location for r in res.rows] == ["enc.jsonl:1", "enc.jsonl:3"]
+    assert res.rows[1].data["prompt"] == "Wie geht's? ünïcödé ✓"
+    assert [i.location for i in res.issues] == ["enc.jsonl:2"]
+
+
+@pytest.mark.parametrize(
+    "content, on_error, match",
+    [
+        (b"", "raise", "holds no rows"),
+        (b"\n   \n\t\n", "raise", "holds no rows"),
+        (b"{not json\n[1]\n", "skip", r"holds no usable rows: all 2 row\(s\) are malformed"),
+    ],
+    ids=["empty", "blank_lines", "all_malformed_skipped"],
+)
+def test_a_source_without_usable_rows_is_an_error(tmp_path, content, on_error, match):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for source in (path, tmp_path):  # the file, and the directory holding it
+            with pytest.raises(ValueError, match=match):
+                D.read_pku_saferlhf(source, on_error=on_error)
+            with pytest.raises(ValueError, match=match):
+                D.load_pairs(source, on_error=on_error)
+
+
+def test_a_source_whose_rows_all_drop_gives_no_pairs_and_says_so(tmp_path):
+    path = _write_jsonl(tmp_path / "unsafe.jsonl", [json.dumps(row(safe0=False, safe1=False, cats0=("Drugs",)))] * 3)
+    with pytest.raises(ValueError, match="no preference pairs: all 3 valid row.* both-unsafe"):
+        D.load_pairs(path)
+
+
+def test_limit_counts_pairs_the_same_for_a_file_and_a_directory():
+    full, _ = D.load_pairs(split="train")
+    for source in (None, D.SAMPLE_DIR, D.sample_path("train"), str(D.sample_path("train"))):
+        pairs, report = D.load_pairs(source, limit=40)
+        assert pairs == full[:40]
+        # rows: what was read to keep 40 pairs (the both-unsafe rows among them dropped)
+        assert report.kept == 40 and report.rows == 40 + report.dropped_both_unsafe > 40
+    assert len(D.load_pairs(limit=1)[0]) == 1
+    assert len(D.load_pairs(limit=10**6)[0]) == len(full)
+    # read_pku_saferlhf's limit counts rows
+    assert [r.location for r in D.read_pku_saferlhf(limit=3).rows] == [
+        "train.jsonl:1",
+        "train.jsonl:2",
+        "train.jsonl:3",
+    ]
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.0, True, "40"])
+def test_limit_below_one_or_not_an_int_is_rejected(limit):
+    with pytest.raises(ValueError, match=r"limit must be an int >= 1"):
+        D.load_pairs(limit=limit)
+    with pytest.raises(ValueError, match=r"limit must be an int >= 1"):
+        D.read_pku_saferlhf(limit=limit)
+
+
+def test_limit_stops_reading_once_enough_pairs_are_kept(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pulled = []
+
+    def rows():
+        for i in range(1000):
+            pulled.append(i)
+            yield row(safe0=False, safe1=False) if i % 2 else row()
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None: rows())
+    pairs, report = D.load_pairs("owner/big", limit=5)
+    assert len(pairs) == 5 and report.rows == 9 and report.dropped_both_unsafe == 4
+    assert len(pulled) == 9, "rows past the 5th pair were read"
+    # A malformed row after the limit is never reached, so it cannot fail the read either.
+    path = _write_jsonl(tmp_path / "tail.jsonl", [json.dumps(row())] * 3 + ["{broken"])
+    assert len(D.load_pairs(path, limit=3)[0]) == 3
+    with pytest.raises(D.MalformedRowError, match="tail.jsonl:4"):
+        D.load_pairs(path)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["nonexistent_dir", "no_such.jsonl", "data/train.parquet", "./data", "/no/such/dir", "~/no_such_dir", "a/b/c"],
+)
+def test_a_missing_local_path_is_file_not_found_at_once(monkeypatch, source):
+    datasets = pytest.importorskip("datasets")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"{source!r} went to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(FileNotFoundError, match="no such data file or directory"):
+        D.read_pku_saferlhf(source)
+    with pytest.raises(FileNotFoundError, match="no such data file or directory"):
+        D.load_pairs(source)
+
+
+def test_only_a_bare_owner_name_goes_to_the_hub_and_tilde_is_expanded(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None: calls.append(path) or [row()])
+    for name in ("PKU-Alignment/PKU-SafeRLHF", "teknium/OpenHermes-2.5"):
+        assert len(D.read_pku_saferlhf(name)) == 1
+    assert calls == ["PKU-Alignment/PKU-SafeRLHF", "teknium/OpenHermes-2.5"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_jsonl(tmp_path / "mine.jsonl", [json.dumps(row())])
+    (tmp_path / "dir").mkdir()
+    _write_jsonl(tmp_path / "dir" / "test.jsonl", [json.dumps(row()), json.dumps(row())])
+    assert len(D.read_pku_saferlhf("~/mine.jsonl")) == 1
+    assert len(D.load_pairs("~/dir", split="test")[0]) == 2
+    assert calls == ["PKU-Alignment/PKU-SafeRLHF", "teknium/OpenHermes-2.5"]

@@ -832,8 +832,8 @@ def test_bad_labels(good):
     labels = good["labels"]
     raises(good, ValueError, r"labels must have shape \(2B, T\)", labels=labels[:, :3])
     raises(good, ValueError, r"labels must have shape \(2B, T\)", labels=labels.reshape(-1))
-    raises(good, TypeError, "labels must be an integer tensor", labels=labels.float())
-    raises(good, TypeError, "labels must be an integer tensor", labels=labels > 0)
+    raises(good, TypeError, "labels must be an int64 or int32 tensor", labels=labels.float())
+    raises(good, TypeError, "labels must be an int64 or int32 tensor", labels=labels > 0)
     bad = labels.clone()
     bad[2, 1] = V_
     raises(good, ValueError, r"labels must be in \[0, V=11\)", labels=bad)
@@ -870,7 +870,7 @@ def test_bad_cu_seqlens(good_packed):
     raises(good_packed, ValueError, "cu_seqlens must be non-decreasing", cu_seqlens=dec)
     raises(good_packed, ValueError, r"cu_seqlens must be \(2B \+ 1,\)", cu_seqlens=cu[:-1])
     raises(good_packed, ValueError, r"cu_seqlens must be \(2B \+ 1,\)", cu_seqlens=cu.unsqueeze(0))
-    raises(good_packed, TypeError, "cu_seqlens must be an integer tensor", cu_seqlens=cu.float())
+    raises(good_packed, TypeError, "cu_seqlens must be an int64 or int32 tensor", cu_seqlens=cu.float())
     raises(good_packed, ValueError, r"labels must have shape \(N,\)", labels=good_packed["labels"][:-1])
     raises(good_packed, ValueError, "with cu_seqlens .* hidden must be .N, H.", hidden=good_packed["hidden"][None])
 

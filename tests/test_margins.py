@@ -189,6 +189,169 @@ def test_update_argument_errors():
     assert m.step == 0 and m.history == []  # failed updates change nothing
 
 
+def snapshot(m: CategoryMargins) -> dict:
+    """Everything an update or a load may change, deep-copied."""
+    state = m.state_dict()
+    state["value_device"] = m.value.device
+    return state
+
+
+def assert_same_state(m: CategoryMargins, before: dict) -> None:
+    after = snapshot(m)
+    assert after.keys() == before.keys()
+    for key, want in before.items():
+        got = after[key]
+        if isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and torch.equal(got, want), key
+        else:
+            assert got == want, key
+
+
+def trained(signal="soft", c=2) -> CategoryMargins:
+    """Margins that have seen a few updates, so that a corrupted EMA would show."""
+    m = CategoryMargins(c, ema=0.5, lr=0.7, signal=signal, names=[f"cat{i}" for i in range(c)])
+    for t in random_tables(3, c, seed=11):
+        m.update(t)
+    return m
+
+
+def test_update_rejects_a_negative_count():
+    m = trained()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=r"^stats column 'count' is negative \(-3\) for category 'cat1'$"):
+        m.update(table([4, -3], unsafe=[1, 0]))
+    assert_same_state(m, before)
+
+
+def test_update_rejects_an_unsafe_count_above_the_pair_count():
+    m = trained()
+    before = snapshot(m)
+    # rate 2.5: the margin would jump by lr·2.4 in one step.
+    with pytest.raises(ValueError, match=r"'unsafe_pref_sum' = 10 is outside \[0, count = 4\] for category 'cat0'"):
+        m.update(table([4, 4], unsafe=[10, 1]))
+    with pytest.raises(ValueError, match=r"'unsafe_pref_sum' = -1 .* category 'cat1'"):
+        m.update(table([4, 4], unsafe=[1, -1]))
+    assert_same_state(m, before)
+    # fp32 rounding past the count is not an error.
+    m.update(table([1000, 4], unsafe=[1000 * (1 + 4e-6), 4]))
+    assert m.step == before["step"] + 1
+
+
+@pytest.mark.parametrize("reward_acc", [[5, 1], [-1, 1]], ids=["above_count", "negative"])
+def test_update_rejects_impossible_hard_counts(reward_acc):
+    # signal='hard': unsafe = count − reward_acc, so reward_acc must lie in [0, count] too.
+    m = trained(signal="hard")
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=r"'reward_acc' = -?\d+ \(signal='hard'.* category 'cat0'"):
+        m.update(table([4, 4], unsafe=[0, 0], reward_acc=reward_acc))
+    assert_same_state(m, before)
+
+
+def test_update_names_the_non_finite_column_and_category():
+    m = trained()
+    before = snapshot(m)
+    bad = table([4, 4], unsafe=[1, 1])
+    bad[1, COL["reward_margin_sum"]] = float("inf")
+    with pytest.raises(ValueError, match=r"stats must be finite: column 'reward_margin_sum' of category 'cat1' is inf"):
+        m.update(bad)
+    assert_same_state(m, before)
+
+
+def test_update_rejects_a_complex_table():
+    m = trained()
+    before = snapshot(m)
+    with pytest.raises(TypeError, match="stats must be a real-valued table, got torch.complex64"):
+        m.update(table([4, 4], unsafe=[1, 1]).to(torch.complex64))
+    assert_same_state(m, before)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), 1.5, -0.1])
+def test_update_rejects_an_external_rate_outside_0_1(bad):
+    m = trained()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=r"unsafe_rate must be within \[0, 1\].*category 'cat1' got"):
+        m.update(unsafe_rate=[0.5, bad])
+    # Valid stats with a bad rate: the stats must not have fed the EMA either.
+    with pytest.raises(ValueError, match="unsafe_rate must be within"):
+        m.update(table([4, 4], unsafe=[1, 1]), unsafe_rate=[0.5, bad])
+    assert_same_state(m, before)
+    # The edges themselves and NaN ("leave alone") are fine.
+    m.update(unsafe_rate=[0.0, 1.0])
+    m.update(unsafe_rate=[float("nan"), 1.0])
+    assert m.history[-1]["active"] == [False, True]
+
+
+@pytest.mark.parametrize("bad", [[0.1 + 0.2j, 0.3], torch.tensor([0.1, 0.2], dtype=torch.complex128), ["0.1", "0.2"]])
+def test_update_rejects_a_non_real_external_rate(bad):
+    m = trained()
+    before = snapshot(m)
+    with pytest.raises(TypeError, match="unsafe_rate must be a \\(C,\\) sequence/tensor of rates"):
+        m.update(unsafe_rate=bad)
+    assert_same_state(m, before)
+
+
+def _raise_together_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        m = CategoryMargins(2, init=1.0, lr=1.0, target=0.0, ema=0.0)
+        errors = []
+        # Only rank 0 holds a bad value; rank 1 must learn of it through the all-reduce.
+        bad_rate = [float("inf"), 0.2] if rank == 0 else [0.1, 0.2]
+        bad_stats = table([4, 4], unsafe=[float("nan") if rank == 0 else 1, 1])
+        for kwargs in (dict(unsafe_rate=bad_rate), dict(stats=bad_stats)):
+            try:
+                m.update(**kwargs)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        # The ranks are still in step: a valid update goes through on both.
+        good = m.update(table([4, 4], unsafe=[2, 1]), unsafe_rate=[0.5 if rank == 0 else 0.25, float("nan")]).clone()
+        torch.save(dict(errors=errors, good=good, step=m.step), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_ranks_reject_a_bad_update_together(tmp_path):
+    """A value only one rank holds must make every rank raise, not leave the others hanging."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(
+        _raise_together_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError("a rank hung: the ranks did not raise together")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["errors"][0] is not None and "unsafe_rate must be within [0, 1]" in r["errors"][0]
+        assert r["errors"][1] is not None and "stats must be finite" in r["errors"][1]
+        assert r["step"] == 1  # the rejected updates did not count
+    assert "got inf" in ranks[0]["errors"][0] and "on another rank" in ranks[1]["errors"][0]
+    # mean rate (0.5 + 0.25) / 2 for category 0; category 1 has none and stays.
+    assert ranks[0]["good"].tolist() == ranks[1]["good"].tolist() == [1.375, 1.0]
+
+
 # -------------------------------------------------------- names, log, history
 def test_names_and_log():
     m = CategoryMargins(2, init=[0.5, 1.5], names=["violence", "privacy"], ema=0.0)
@@ -295,6 +458,68 @@ def test_load_state_dict_with_another_c_raises():
         CategoryMargins(3).load_state_dict(CategoryMargins(2).state_dict())
 
 
+def _corrupt(state: dict, path: tuple, value) -> dict:
+    """A copy of ``state`` with ``state[path[0]][path[1]]...`` set to ``value`` (``...`` deletes it)."""
+    state = {k: dict(v) if isinstance(v, dict) else v for k, v in state.items()}
+    holder = state
+    for key in path[:-1]:
+        holder = holder[key]
+    if value is ...:
+        del holder[path[-1]]
+    else:
+        holder[path[-1]] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    "path, value, error, match",
+    [
+        (("value",), ..., ValueError, r"state_dict lacks the key 'value'"),
+        (("history",), ..., ValueError, r"state_dict lacks the key 'history'"),
+        (("config", "signal"), ..., ValueError, r"state_dict\['config'\] lacks keys \['signal'\]"),
+        (("config", "colour"), "red", ValueError, r"unknown keys \['colour'\]"),
+        (("config", "lr"), "abc", TypeError, r"state_dict\['config'\]: lr must be a real number"),
+        (("config", "mode"), "bogus", ValueError, r"state_dict\['config'\]: mode must be one of"),
+        (("config", "signal"), "x", ValueError, r"state_dict\['config'\]: signal must be one of"),
+        (("config", "ema"), 1.5, ValueError, r"state_dict\['config'\]: ema must be in \[0, 1\)"),
+        (("config", "min_margin"), 9.0, ValueError, r"state_dict\['config'\]: need finite min_margin <= max_margin"),
+        (("config", "sync"), "no", TypeError, r"state_dict\['config'\]: sync must be a bool"),
+        (("value",), torch.zeros(5), ValueError, r"state_dict\['value'\] must have shape \(C,\) = \(3,\)"),
+        (("target",), torch.zeros(3, 1), ValueError, r"state_dict\['target'\] must have shape"),
+        (("ema_count",), [1.0, 2.0, 3.0], TypeError, r"state_dict\['ema_count'\] must be a torch.Tensor"),
+        (("ema_unsafe",), torch.full((3,), float("nan")), ValueError, r"state_dict\['ema_unsafe'\] must be finite"),
+        (("ema_unsafe",), torch.full((3,), 1e6, dtype=torch.float64), ValueError, r"0 <= ema_unsafe <= ema_count"),
+        (("names",), ["a", "b"], ValueError, r"state_dict\['names'\] must have C = 3 entries"),
+        (("names",), "abc", TypeError, r"state_dict\['names'\] must be a sequence"),
+        (("step",), -1, ValueError, r"state_dict\['step'\] must be an int >= 0"),
+        (("step",), 2.5, ValueError, r"state_dict\['step'\] must be an int >= 0"),
+        (("history",), {"step": 0}, TypeError, r"state_dict\['history'\] must be a list"),
+        (("num_categories",), "3", TypeError, r"state_dict\['num_categories'\] must be an int"),
+    ],
+)
+def test_load_state_dict_rejects_a_bad_state_and_changes_nothing(path, value, error, match):
+    good = trained(c=3).state_dict()
+    m = CategoryMargins(3, init=[0.1, 0.2, 0.3], lr=0.01, names=["x", "y", "z"])
+    m.update(table([4, 4, 4], unsafe=[1, 2, 3]))
+    before = snapshot(m)
+    with pytest.raises(error, match=match):
+        m.load_state_dict(_corrupt(good, path, value))
+    assert_same_state(m, before)
+    m.load_state_dict(good)  # the uncorrupted state loads
+    assert m.names == ("cat0", "cat1", "cat2") and m.step == 3
+
+
+def test_load_state_dict_with_more_categories_raises_and_changes_nothing():
+    # A 5-category state into CategoryMargins(3) used to load: len(m) == 3 with a (5,) value.
+    m = CategoryMargins(3)
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=r"state_dict has num_categories=5, this CategoryMargins has 3"):
+        m.load_state_dict(trained(c=5).state_dict())
+    assert_same_state(m, before)
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        m.load_state_dict([("value", torch.zeros(3))])
+
+
 # ---------------------------------------------------------------- constructor
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -325,6 +550,41 @@ def test_bad_constructor_arguments(kwargs, match):
     kwargs = {"num_categories": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         CategoryMargins(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(min_margin="0"), "min_margin must be a real number, got str"),
+        (dict(max_margin=None), "max_margin must be a real number, got NoneType"),
+        (dict(lr="0.5"), "lr must be a real number"),
+        (dict(lr=True), "lr must be a real number, got bool"),
+        (dict(ema=0.5 + 0j), "ema must be a real number, got complex"),
+        (dict(min_count=[1.0]), "min_count must be a real number"),
+        (dict(eps="1e-8"), "eps must be a real number"),
+        (dict(warmup_steps="2"), "warmup_steps must be an int >= 0, got str"),
+        (dict(num_categories="3"), "num_categories must be an int >= 1, got str"),
+        (dict(sync="no"), "sync must be a bool"),
+        (dict(names="ab"), "names must be a sequence of C = 2 names, got str"),
+        (dict(names=7), "names must be a sequence"),
+        (dict(init="0.5"), "init must be a real number or a sequence/tensor"),
+        (dict(init=[True, False]), r"init must be .* of torch.bool"),
+        (dict(target=[0.1 + 1j, 0.2]), r"target must be .* of torch.complex"),
+        (dict(target=torch.tensor([0.1, 0.2], dtype=torch.complex64)), "target must be"),
+    ],
+)
+def test_constructor_type_errors_name_the_argument(kwargs, match):
+    kwargs = {"num_categories": 2, **kwargs}
+    with pytest.raises(TypeError, match=match):
+        CategoryMargins(**kwargs)
+
+
+def test_constructor_accepts_numpy_and_tensor_numbers():
+    m = CategoryMargins(np.int64(2), lr=np.float32(0.25), warmup_steps=np.int64(1), init=np.array([0.5, 1.0]))
+    assert len(m) == 2 and m.config["lr"] == 0.25 and m.config["warmup_steps"] == 1
+    assert m.value.tolist() == [0.5, 1.0]
+    # Python floats keep their float64 value (0.1, not fp32's 0.10000000149).
+    assert CategoryMargins(2, target=0.1).target.tolist() == [0.1, 0.1]
 
 
 # ------------------------------------------------------- with the real loss

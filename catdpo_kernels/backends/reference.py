@@ -38,8 +38,14 @@ class ReferenceBackend(Backend):
         t = call.transform
         tf = dict(temperature=t.temperature, logit_scale=t.logit_scale, softcap=t.softcap)
 
+        # Rows no token is scored from are zeroed first, so that whatever they hold (NaN/inf)
+        # their gradient, and their share of the weight gradient, is exactly 0.
+        counted = torch.zeros(call.layout.num_rows, dtype=torch.bool, device=call.labels.device)
+        counted[call.layout.hidden_index] = True
+
         def logps(side, labels):
-            logits = reference.head_logits(side.hidden_rows, side.weight, side.bias, **tf)
+            hidden = torch.where(counted.unsqueeze(-1), side.hidden_rows, 0.0)
+            logits = reference.head_logits(hidden, side.weight, side.bias, **tf)
             if call.cu_seqlens is None:
                 logits = logits.view(*call.labels.shape, -1)
                 return reference.sequence_logps(logits, labels, **seq), logits

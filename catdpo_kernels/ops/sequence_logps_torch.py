@@ -122,6 +122,8 @@ def backward_logits(
     for rs, ts in token_blocks(rows, tokens, vocab):
         g_tok = g_tok_all[rs, ts].unsqueeze(-1)
         p = torch.softmax(x_all[rs, ts], dim=-1, dtype=acc)
+        # An ignored token's gradient is exactly 0 whatever its logits hold (NaN·0 would be NaN).
+        p.masked_fill_(~mask[rs, ts].unsqueeze(-1), 0.0)
         dest = g_all[rs, ts]
         if direct:
             torch.mul(p, g_tok.neg(), out=dest)
