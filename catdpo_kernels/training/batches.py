@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
+from ..validation import check_preference_batch
 from .config import TrainConfig
 
 
@@ -96,6 +97,13 @@ def collate(split: Split, idx: list[int], pad_id: int, device: torch.device) -> 
     """The pairs ``idx`` of ``split`` as a padded batch on ``device`` (rows ``[0, B)`` chosen, ``[B, 2B)``
     rejected), with ``ref_logps`` ``(2B,)`` when the split has precomputed ones."""
     batch = D.collate_pairs([split.tokenized[i] for i in idx], pad_id)
+    # Checked on the CPU, where it costs no device sync; a bad pair is named by its index in the split.
+    check_preference_batch(
+        unsafe=batch["unsafe"],
+        categories=batch["categories"],
+        num_categories=len(split.report.category_names),
+        indices=idx,
+    )
     batch = {k: v.to(device) for k, v in batch.items()}
     if split.ref_logps is not None:
         ref = split.ref_logps[idx]  # (B, 2): chosen, rejected

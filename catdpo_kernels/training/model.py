@@ -122,7 +122,7 @@ def batch_loss(head: str, model, ref_model, batch: dict, device, cfg: TrainConfi
             ref_hidden, ref_weight, ref_bias = hidden_states(ref_model, **inputs)
         common.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
 
-    def head_loss(hidden, weight, bias):
+    def head_loss(hidden, weight, bias, _outputs):
         return loss_fn(hidden, weight, batch["labels"], batch["categories"], bias=bias, **common)
 
     with autocast(device, cfg):
