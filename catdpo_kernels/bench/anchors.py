@@ -18,8 +18,13 @@ with the reference model's hidden states and weight under ``no_grad``:
   log-probs, without per-category margins or stats;
 - ``cce-dpo``: a DPO built on Cut Cross-Entropy: per-token
   ``linear_cross_entropy(..., reduction="none")`` for policy and reference,
-  masked sums as sequence log-probs, then ``-logsigmoid(beta * h)``. CCE
-  filters negligible gradient entries by default (``filter_eps="auto"``).
+  masked sums as sequence log-probs, then the Cat-DPO pair loss
+  ``-logsigmoid(beta * h - s * margin)`` (``head_cases.catdpo_pair_loss``). CCE
+  filters negligible gradient entries by default.
+
+The fused-head mode (``catdpo-bench --head``, ``head_cases``) compares the same
+two libraries, and TRL's chunked head, against ``linear_loss`` with shifted
+labels, on CPU as well; this group stays for the logits mode on CUDA.
 
 The rows of this package compute the full Cat-DPO loss (margins gathered per
 category and the per-category stats table), so they do slightly more work than
@@ -29,31 +34,19 @@ gradients.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .cases import BETA, LOSS_OPTIONS, Shape, Skip, Variant, make_categories, make_labels
+from .cases import LOSS_OPTIONS, Shape, Skip, Variant, make_categories, make_labels
+from .head_cases import fused_backend, not_installed, pair_loss_forward, require
 
 ANCHOR_MODULES = {"liger-fused-linear-dpo": "liger_kernel", "cce-dpo": "cut_cross_entropy"}
-INSTALL_HINTS = {"liger_kernel": "pip install liger-kernel", "cut_cross_entropy": "pip install cut-cross-entropy"}
-
-
-def installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def availability() -> dict:
     """``{anchor label: None if importable, else why not}`` (nothing is imported)."""
-    out = {}
-    for label, module in ANCHOR_MODULES.items():
-        out[label] = None if installed(module) else f"{module} is not installed ({INSTALL_HINTS[module]})"
-    return out
+    return {label: not_installed(module) for label, module in ANCHOR_MODULES.items()}
 
 
 @dataclass
@@ -124,18 +117,14 @@ def _catdpo_lm_head(backend: str, inplace: bool):
 def _require(module: str, device: torch.device):
     if device.type != "cuda":
         raise Skip(f"{module} needs a CUDA device")
-    if not installed(module):
-        raise Skip(f"{module} is not installed ({INSTALL_HINTS[module]})")
+    require(module)
 
 
 def _liger(device: torch.device):
     _require("liger_kernel", device)
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    from .head_cases import liger_dpo_module
 
-    try:
-        module = LigerFusedLinearDPOLoss(ignore_index=-100, beta=BETA, use_ref_model=True)
-    except TypeError as exc:  # an old Liger without reference-model support
-        raise Skip(f"this liger_kernel has no use_ref_model ({exc})") from exc
+    module = liger_dpo_module()  # the same configuration as the liger-dpo row of --head
 
     def forward(inp: HiddenInputs):
         out = module(inp.weight, inp.hidden, inp.labels, ref_input=inp.ref_hidden, ref_weight=inp.ref_weight)
@@ -157,20 +146,11 @@ def _cce(device: torch.device):
         mask = (labels != -100).to(torch.float32)
         return -(nll.view(rows, tokens).float() * mask).sum(-1)
 
-    def forward(inp: HiddenInputs):
-        policy = sequence_logps(inp.hidden, inp.weight, inp.labels)
-        with torch.no_grad():
-            ref = sequence_logps(inp.ref_hidden, inp.ref_weight, inp.labels)
-        pw, pl = policy.chunk(2)
-        rw, rl = ref.chunk(2)
-        loss = -F.logsigmoid(BETA * ((pw - rw) - (pl - rl))).mean()
-        return loss, [inp.hidden, inp.weight]
-
-    return forward
+    return pair_loss_forward(sequence_logps)  # HiddenInputs has the fields of HeadInputs it reads
 
 
 def lm_head_variants(device: torch.device) -> list[Variant]:
-    fused = "triton" if device.type == "cuda" else "torch"
+    fused = fused_backend(device.type)
     return [
         Variant(
             "lm_head+reference",

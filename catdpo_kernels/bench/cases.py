@@ -3,7 +3,7 @@
 A *case* is one ``(2B, T, V, dtype)`` point of the sweep. A *variant* is one way
 of computing the Cat-DPO loss on it (a row of the table):
 
-- ``reference``: the naive eager path (``backend="reference"``, TRL-style: fp32
+- ``reference``: the naive eager path (``bench.naive``, the plain TRL-style loss: fp32
   upcast, ``log_softmax``, gather). It is the baseline of every ratio.
 - ``compiled``: the same naive path under ``torch.compile``.
 - ``torch``: the chunked, memory-bounded torch backend.
@@ -65,10 +65,7 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        parts = text.lower().replace("×", "x").split("x")
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"a shape looks like 2BxTxV, e.g. 8x512x32000; got {text!r}")
-        rows, tokens, vocab = (int(p) for p in parts)
+        rows, tokens, vocab = parse_dims(text, 3, "a shape looks like 2BxTxV, e.g. 8x512x32000")
         if rows < 2 or rows % 2 or tokens < 1 or vocab < 2:
             raise ValueError(f"shape {text!r}: 2B must be even and >= 2, T >= 1, V >= 2")
         return cls(rows, tokens, vocab)
@@ -81,26 +78,38 @@ class Shape:
         return f"{self.rows}x{self.tokens}x{self.vocab}"
 
 
+def parse_dims(text: str, count: int, form: str) -> tuple[int, ...]:
+    """``"8x512x32000"`` -> ``(8, 512, 32000)``; ``form`` starts the error for anything else."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != count or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{form}; got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def split_list(texts) -> list[str]:
+    """The items of a repeatable, comma-separated option (``--shapes a,b --shapes c``), blanks dropped."""
+    return [part.strip() for text in texts for part in str(text).split(",") if part.strip()]
+
+
 def parse_shapes(texts) -> list[Shape]:
-    out = []
-    for text in texts:
-        for part in str(text).split(","):
-            if part.strip():
-                out.append(Shape.parse(part.strip()))
-    return out
+    return [Shape.parse(part) for part in split_list(texts)]
 
 
 def parse_dtypes(texts) -> list[torch.dtype]:
     out = []
-    for text in texts:
-        for part in str(text).split(","):
-            name = part.strip().lower()
-            if not name:
-                continue
-            if name not in DTYPES:
-                raise ValueError(f"unknown dtype {part!r}; use one of fp32, bf16, fp16")
-            out.append(DTYPES[name])
+    for part in split_list(texts):
+        if part.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {part!r}; use one of fp32, bf16, fp16")
+        out.append(DTYPES[part.lower()])
     return out
+
+
+def parse_modes(text: str) -> list[str]:
+    """``--modes``: which of fwd_bwd, fwd, bwd to time."""
+    modes = split_list([text])
+    if not modes or any(m not in ("fwd_bwd", "fwd", "bwd") for m in modes):
+        raise ValueError(f"--modes takes fwd_bwd, fwd, bwd; got {text!r}")
+    return modes
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -227,11 +236,17 @@ def _loss_forward(backend: str, inplace: bool = False) -> ForwardFn:
 
 
 def _naive_loss(logits, ref, labels, categories, margins):
-    import catdpo_kernels
+    from .naive import naive_loss
 
-    return catdpo_kernels.loss(
-        logits, labels, categories, margins, ref_logits=ref, backend="reference", **LOSS_OPTIONS
-    ).loss
+    return naive_loss(logits, ref, labels, categories, margins, **LOSS_OPTIONS)
+
+
+def _naive_forward() -> ForwardFn:
+    def forward(inp: LogitsInputs):
+        logits = as_intermediate(inp.policy)
+        return _naive_loss(logits, inp.ref, inp.labels, inp.categories, inp.margins), [logits]
+
+    return forward
 
 
 _COMPILED = {}
@@ -281,7 +296,7 @@ def logits_variants(backends, *, device: torch.device, inplace: bool, triton_con
         backends.insert(0, "reference")
     for name in backends:
         if name == "reference":
-            out.append(Variant("reference", "reference", lambda: _loss_forward("reference"), baseline=True))
+            out.append(Variant("reference", "reference", _naive_forward, baseline=True))
         elif name == "compiled":
             out.append(Variant("compiled", "compiled", _compiled_forward, replay_backward=False))
         elif name == "torch":

@@ -8,13 +8,19 @@ Examples::
     catdpo-bench --copy-bandwidth --inplace       # GPU: bandwidth as % of a measured copy
     catdpo-bench --shapes 8x2048x128256 --backends reference,triton \\
         --triton-config default --triton-config BLOCK_V=4096,num_warps=8
+
+  Fused LM head (linear_loss from hidden states) vs the naive head, TRL, Liger and CCE:
+
+    catdpo-bench --head                           # CPU 8x512x256x32000 fp32, GPU 8x2048x4096x128256 bf16
+    catdpo-bench --head --scaling                 # naive and ours at T = 512, 1024, 2048 (GPU: 2048-8192)
+    catdpo-bench --head --long                    # GPU: also T=8192
+    catdpo-bench --head --head-shapes 2x64x32x512 --rows naive,ours-torch,trl-chunked --repeats 3 \\
+        --json head.json --markdown head.md --plot head.png
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 
 DESCRIPTION = (
@@ -64,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--modes", default="fwd_bwd,fwd,bwd", help="which of fwd_bwd, fwd, bwd to time (default: all)")
     p.add_argument(
-        "--repeats", type=int, default=None, help="CPU: timed runs per mode after warm-up (default 3; --quick 1)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="CPU: timed runs per mode after warm-up (default 3; --quick 1); "
+        "--head: timing rounds on any device (default CPU 5, GPU 10; --quick 1)",
     )
     p.add_argument("--warmup-ms", type=float, default=None, help="GPU: do_bench warm-up time (default 25)")
     p.add_argument(
@@ -98,55 +108,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write DIR/<device>_<UTC time>.json and .md, named after the device "
         "(default DIR: benchmarks/results)",
     )
+    head = p.add_argument_group("fused LM head mode (--head)")
+    head.add_argument(
+        "--head",
+        action="store_true",
+        help="benchmark linear_loss (the fused LM head, from hidden states) against the naive head "
+        "(backend=reference), its torch.compile, the frozen-head variants, TRL's chunked head, Liger's fused "
+        "DPO and Cut Cross-Entropy; ratios against naive and against each peer, TFLOP/s against a measured GEMM",
+    )
+    head.add_argument(
+        "--scaling",
+        action="store_true",
+        help="with --head: naive and ours only, over T (CPU 512, 1024, 2048; GPU 2048, 4096, 8192), fwd+bwd "
+        "only unless --modes; ours' peak memory must stay within the default tile budget + 64 MiB",
+    )
+    head.add_argument(
+        "--head-shapes",
+        action="append",
+        metavar="2BxTxHxV[,...]",
+        help="with --head: cases (default CPU 8x512x256x32000, GPU 8x2048x4096x128256)",
+    )
+    head.add_argument("--long", action="store_true", help="with --head on GPU: also the T=8192 case")
+    head.add_argument(
+        "--rows",
+        metavar="LIST",
+        help="with --head: only these rows (e.g. naive,ours-torch,trl-chunked); default all: naive, naive-compiled, "
+        "ours-torch, ours-triton, naive-frozen, ours-<fused>-frozen, trl-chunked, liger-dpo, cce",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
     return p
-
-
-class _Interrupted(BaseException):
-    """SIGTERM (e.g. from ``timeout``): like Ctrl-C, stops the sweep but not the output."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise _Interrupted(f"signal {signum}")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
+    if args.head:
+        from .head_cli import run as run_head
 
-    import torch
+        return run_head(args, parser, argv_list)
+    for flag in ("scaling", "head_shapes", "long", "rows"):
+        if getattr(args, flag):
+            parser.error(f"--{flag.replace('_', '-')} needs --head")
 
+    from . import anchors as A
     from . import cases as C
-    from . import env as E
-    from . import report as R
+    from .memory import OOM_ERRORS, release
+    from .output import Output
     from .runner import Settings, blank_result, run_variant
+    from .session import Sweep, load_note, pick_device, start_meta
     from .targets import annotate
     from .timing import copy_bandwidth, rotation_sets
 
-    oom_types = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
-
     # ---------------------------------------------------------- options
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    device = pick_device(args.device, parser)
     on_gpu = device.type == "cuda"
-    if not on_gpu and "torch._inductor.config" not in sys.modules:
-        # torch.compile's worker pool would start (and import torch in) background processes
-        # that compete for the CPU with the timings that follow: compile in this process.
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
         shapes = C.parse_shapes(args.shapes) if args.shapes else None
         dtypes = C.parse_dtypes(args.dtypes) if args.dtypes else None
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+        backends = C.split_list([args.backends]) if args.backends else None
         configs = [C.validate_triton_config(c) for c in args.triton_configs] if args.triton_configs else None
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        bad = [m for m in modes if m not in ("fwd_bwd", "fwd", "bwd")]
-        if bad or not modes:
-            raise ValueError(f"--modes takes fwd_bwd, fwd, bwd; got {args.modes!r}")
+        modes = C.parse_modes(args.modes)
         for b in backends or []:
             if b not in C.KNOWN_BACKENDS:
                 raise ValueError(f"unknown backend {b!r}; use {', '.join(C.KNOWN_BACKENDS)}")
@@ -168,8 +191,6 @@ def main(argv=None) -> int:
     )
     variants = C.logits_variants(backends, device=device, inplace=args.inplace, triton_configs=configs)
 
-    from . import anchors as A
-
     anchor_notes = [f"{label}: {why}" for label, why in A.availability().items() if why]
     if args.anchors == "on":
         run_anchors = True
@@ -181,8 +202,7 @@ def main(argv=None) -> int:
     anchor_variants = A.lm_head_variants(device) if run_anchors else []
 
     # ---------------------------------------------------------- report skeleton
-    meta = E.collect(device)
-    meta["host"]["loadavg_start"] = _loadavg()
+    meta = start_meta(device)
     timing_text = (
         f"triton.testing.do_bench (L2 flushed per run), warm-up {warmup_ms} ms, measuring {rep_ms} ms per mode; "
         "median with 20th/80th percentiles; inputs rotated when one set fits in 4x L2"
@@ -230,43 +250,21 @@ def main(argv=None) -> int:
     elif not run_anchors and args.anchors == "auto" and not on_gpu:
         notes.append("anchors (Liger-Kernel, Cut Cross-Entropy) need CUDA: not run on CPU")
     if not on_gpu:
-        notes.append(
-            "CPU timings depend on machine load; load average at start "
-            + ", ".join(f"{x:.2f}" for x in meta["host"]["loadavg_start"] or [])
-        )
+        notes.append(load_note(meta))
 
-    saved = []
-    if args.save_results:
-        stem = os.path.join(
-            args.save_results,
-            f"{E.device_slug(meta['device'])}_{meta['date_utc'][:19].replace(':', '').replace('-', '')}",
-        )
-        saved = [stem + ".json", stem + ".md"]
-
-    def flush(final: bool = False) -> None:
+    def annotate_rows() -> None:
         annotate(report["results"], device_type=device.type, copy_gbps=(report["copy_bandwidth"] or {}).get("GBps"))
-        for path in [args.json] + saved[:1]:
-            if path:
-                R.write_json(report, path)
-        for path in [args.markdown] + saved[1:]:
-            if path:
-                R.write_markdown(report, path)
-        if final and args.plot:
-            note = R.write_plot(report, args.plot)
-            if note:
-                notes.append(f"plot not written: {note}")
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    status = 0
+    output = Output(report, args, annotate=annotate_rows)
     total = len(shapes) * len(dtypes) * (len(variants) + len(anchor_variants))
-    progress = _progress(total, disable=args.no_progress)
-    try:
+    with Sweep(report, output, total=total, no_progress=args.no_progress) as sweep:
+        progress = sweep.progress
         if args.copy_gbps:
             report["copy_bandwidth"] = {"GBps": args.copy_gbps, "method": "given with --copy-gbps"}
         elif args.copy_bandwidth:
             progress.set_postfix_str("copy bandwidth")
             report["copy_bandwidth"] = copy_bandwidth(device)
-            _say(progress, f"copy bandwidth: {report['copy_bandwidth']['GBps']:.0f} GB/s")
+            sweep.say(f"copy bandwidth: {report['copy_bandwidth']['GBps']:.0f} GB/s")
         elif on_gpu:
             notes.append("no --copy-bandwidth: bandwidth is shown in GB/s only, not as % of a copy")
         done = 0
@@ -275,7 +273,7 @@ def main(argv=None) -> int:
             nonlocal done
             try:
                 inputs = make_inputs()
-            except oom_types as exc:
+            except OOM_ERRORS as exc:
                 inputs = None
                 notes.append(f"{base['case']} [{base['group']}]: inputs do not fit ({type(exc).__name__})")
             for variant in group_variants:
@@ -287,10 +285,10 @@ def main(argv=None) -> int:
                 report["results"].append(r)
                 done += 1
                 progress.update(1)
-                _say(progress, f"[{done}/{total}] {_line(r)}")
-                flush()
+                sweep.say(f"[{done}/{total}] {_line(r)}")
+                output.flush()
             del inputs
-            _free(device)
+            release(device)
 
         for shape in shapes:
             for dtype in dtypes:
@@ -314,51 +312,7 @@ def main(argv=None) -> int:
                         lambda: [A.make_hidden_inputs(shape, dtype, device, anchor_dim, seed=args.seed)],
                         abase,
                     )
-    except (KeyboardInterrupt, _Interrupted) as exc:
-        notes.append(f"interrupted ({exc or 'KeyboardInterrupt'}): partial results")
-        status = 130
-    finally:
-        progress.close()
-        signal.signal(signal.SIGTERM, previous)
-        meta["host"]["loadavg_end"] = _loadavg()
-        meta["extension"] = E.extension_info()
-        flush(final=True)
-    print(R.format_table(report), flush=True)
-    written = [p for p in (args.json, args.markdown, args.plot, *saved) if p]
-    if written:
-        print("\nwrote " + ", ".join(written), flush=True)
-    if status == 0 and any(r["status"] in ("error", "oom") for r in report["results"]):
-        status = 1
-    return status
-
-
-class _PlainProgress:
-    """Stands in for tqdm when it is not installed (a bare GPU machine): lines only."""
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, text):
-        pass
-
-    def write(self, text, file=None):
-        print(text, file=file or sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, *, disable: bool):
-    """A tqdm bar on a terminal (none when stderr is not a TTY or with --no-progress)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _PlainProgress()
-    return tqdm(total=total, desc="catdpo-bench", unit="row", file=sys.stderr, disable=True if disable else None)
-
-
-def _say(progress, text: str) -> None:
-    progress.write(text, file=sys.stderr)
+    return output.finish(sweep.status)
 
 
 def _line(r: dict) -> str:
@@ -371,23 +325,6 @@ def _line(r: dict) -> str:
     if rise is not None:
         parts.append(f"rise {rise / 2**20:.1f} MiB")
     return f"{head}: " + ", ".join(parts)
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _free(device) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ def versions() -> dict:
         # Optional anchors: only their versions (nothing is imported here).
         "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
         "cut_cross_entropy": _version("cut-cross-entropy") or _version("cut_cross_entropy"),
+        "trl": _version("trl"),
     }
     return out
 

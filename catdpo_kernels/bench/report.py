@@ -112,8 +112,13 @@ COLUMNS = (
 BW_COLUMNS = (("GB/s", "gbps"), ("% copy", "pct"))
 
 
+def case_label(r: dict, main_group: str = "logits") -> str:
+    """A row's case, with its input group when that is not the mode's main one."""
+    return r["case"] + ("" if r["group"] == main_group else f" [{r['group']}]")
+
+
 def row_cells(r: dict) -> dict:
-    cells = {"case": r["case"] + ("" if r["group"] == "logits" else f" [{r['group']}]"), "variant": r["label"]}
+    cells = {"case": case_label(r), "variant": r["label"]}
     if r["status"] != "ok":
         cells["fwd"] = f"{r['status']}: {r.get('note') or ''}"
         return cells
@@ -158,7 +163,15 @@ def header_lines(report: dict) -> list[str]:
     return lines
 
 
+def _is_head(report: dict) -> bool:
+    return (report.get("settings") or {}).get("mode") == "head"
+
+
 def format_table(report: dict) -> str:
+    if _is_head(report):
+        from .head_report import format_table as head_table
+
+        return head_table(report)
     cols = _columns(report)
     rows = [row_cells(r) for r in report["results"]]
     widths = {key: len(title) for title, key in cols}
@@ -181,11 +194,18 @@ def format_table(report: dict) -> str:
             continue
         out = [case_cell.ljust(widths["case"])] + [cells.get(key, "-").ljust(widths[key]) for _, key in cols[1:]]
         lines.append("  ".join(out).rstrip())
-    lines += [""] + legend_lines(report) + target_lines(report)
-    notes = report.get("notes") or []
-    if notes:
-        lines += ["", "notes:"] + [f"  - {n}" for n in notes]
+    lines += [""] + legend_lines(report) + target_lines(report) + note_lines(report)
     return "\n".join(lines)
+
+
+def note_lines(report: dict, *, markdown: bool = False) -> list[str]:
+    """The run's notes (skipped anchors, load, interruptions) at the end of the table or the markdown."""
+    notes = report.get("notes") or []
+    if not notes:
+        return []
+    if markdown:
+        return ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return ["", "notes:"] + [f"  - {n}" for n in notes]
 
 
 def legend_lines(report: dict) -> list[str]:
@@ -206,33 +226,35 @@ def legend_lines(report: dict) -> list[str]:
 
 
 def target_lines(report: dict) -> list[str]:
+    heading = (
+        "Performance targets of docs/design.md "
+        "(GPU ones are defined at bf16 8x2048x128256 on H100/H200; CPU ones at fp32 8x512x32000):"
+    )
+    return verdict_lines(report, heading, lambda t: fmt_value(t["metric"], t["value"]))
+
+
+def verdict_lines(report: dict, heading: str, value_text, main_group: str = "logits") -> list[str]:
+    """The table's last part: a line per row that has targets, each target with its measured value
+    (``value_text(target)``) and verdict."""
     rows = [r for r in report["results"] if r.get("targets")]
     if not rows:
         return []
-    lines = [
-        "",
-        "Performance targets of docs/design.md "
-        "(GPU ones are defined at bf16 8x2048x128256 on H100/H200; CPU ones at fp32 8x512x32000):",
-    ]
+    lines = ["", heading]
     for r in rows:
-        parts = [f"{t['text']}: {fmt_value(t['metric'], t['value'])} {verdict(t['ok'])}" for t in r["targets"]]
+        parts = [f"{t['text']}: {value_text(t)} {verdict(t['ok'])}" for t in r["targets"]]
         mark = " (design shape)" if any(t["at_design_shape"] for t in r["targets"]) else ""
-        lines.append(f"  {r['case']} {r['label']}{mark}: " + "; ".join(parts))
+        lines.append(f"  {case_label(r, main_group)} {r['label']}{mark}: " + "; ".join(parts))
     return lines
 
 
 # -------------------------------------------------------------- markdown
 def format_markdown(report: dict) -> str:
-    meta, settings = report["meta"], report["settings"]
+    if _is_head(report):
+        from .head_report import format_markdown as head_markdown
+
+        return head_markdown(report)
     cols = _columns(report)
-    lines = [
-        f"# catdpo-bench: {meta['device_label']}",
-        "",
-        "Written by `catdpo-bench` (do not edit by hand).",
-        "",
-    ]
-    lines += [f"- {line.split(':', 1)[0].strip()}: {line.split(':', 1)[1].strip()}" for line in header_lines(report)]
-    lines.append(f"- command: `{' '.join(settings.get('argv') or ['catdpo-bench'])}`")
+    lines = markdown_intro(report, header_lines(report))
     lines += ["", "| " + " | ".join(title for title, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:
         cells = row_cells(r)
@@ -242,24 +264,33 @@ def format_markdown(report: dict) -> str:
         else:
             lines.append("| " + " | ".join(cells.get(key, "-") for _, key in cols) + " |")
     lines += [""] + legend_lines(report)
+
+    def target_cells(r: dict, t: dict) -> list[str]:
+        case = r["case"] + (" (design shape)" if t["at_design_shape"] else "")
+        return [case, r["label"], t["text"], fmt_value(t["metric"], t["value"]), verdict(t["ok"])]
+
+    titles = ("case", "variant", "target", "measured", "verdict")
+    lines += markdown_targets(report, "Performance targets (docs/design.md)", titles, target_cells)
+    return "\n".join(lines + note_lines(report, markdown=True)) + "\n"
+
+
+def markdown_intro(report: dict, header: list[str], title: str = "catdpo-bench") -> list[str]:
+    """The markdown's title, the header lines as a list, and the command that wrote it (the title's own
+    command for a report that recorded none)."""
+    argv = report["settings"].get("argv") or title.split()
+    lines = [f"# {title}: {report['meta']['device_label']}", "", "Written by `catdpo-bench` (do not edit by hand).", ""]
+    lines += [f"- {line.split(':', 1)[0].strip()}: {line.split(':', 1)[1].strip()}" for line in header]
+    return lines + [f"- command: `{' '.join(argv)}`"]
+
+
+def markdown_targets(report: dict, heading: str, titles, cells) -> list[str]:
+    """A markdown table of every target of every row that has some; ``cells(row, target)`` gives its cells."""
     rows = [r for r in report["results"] if r.get("targets")]
-    if rows:
-        lines += [
-            "",
-            "## Performance targets (docs/design.md)",
-            "",
-            "| case | variant | target | measured | verdict |",
-            "|---|---|---|---|---|",
-        ]
-        for r in rows:
-            for t in r["targets"]:
-                case = r["case"] + (" (design shape)" if t["at_design_shape"] else "")
-                value = fmt_value(t["metric"], t["value"])
-                lines.append(f"| {case} | {r['label']} | {t['text']} | {value} | {verdict(t['ok'])} |")
-    notes = report.get("notes") or []
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    if not rows:
+        return []
+    lines = ["", f"## {heading}", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    lines += ["| " + " | ".join(cells(r, t)) + " |" for r in rows for t in r["targets"]]
+    return lines
 
 
 def write_markdown(report: dict, path) -> None:
@@ -268,14 +299,15 @@ def write_markdown(report: dict, path) -> None:
 
 # ------------------------------------------------------------------ plot
 def write_plot(report: dict, path) -> str | None:
-    """Time and memory against V (at the first case's T) and T (at its V). Returns a note if skipped."""
-    try:
-        import matplotlib
+    """Time and memory against V (at the first case's T) and T (at its V); with a single shape, bars per
+    variant (one point per line would be lone dots). Returns a note if skipped."""
+    if _is_head(report):
+        from .head_report import write_plot as head_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "--plot needs matplotlib (pip install matplotlib)"
+        return head_plot(report, path)
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     ok = [r for r in report["results"] if r["status"] == "ok" and r["group"] == "logits"]
     if not ok:
         return "nothing to plot (no successful logits-group results)"
@@ -283,6 +315,10 @@ def write_plot(report: dict, path) -> str | None:
     dtype = max(set(dtypes), key=dtypes.count)
     ok = [r for r in ok if r["dtype"] == dtype]
     first = ok[0]["shape"]
+    if len({r["case"] for r in ok}) == 1:
+        fig = _bar_plot(plt, ok, f"{ok[0]['case']}")
+        save_figure(plt, fig, report, path)
+        return None
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     for col, (axis, fixed, fixed_key) in enumerate(
         (("vocab", first["tokens"], "tokens"), ("tokens", first["vocab"], "vocab"))
@@ -311,10 +347,48 @@ def write_plot(report: dict, path) -> str | None:
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
+    save_figure(plt, fig, report, path)
+    return None
+
+
+def _bar_plot(plt, rows: list[dict], case: str):
+    """One case: fwd+bwd time and peak rise (excl. grad) per variant, as bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    labels = [r["label"] for r in rows]
+    times = [(r["time_ms"].get("fwd_bwd") or {}).get("median_ms") for r in rows]
+    mems = [r["memory"].get("fwd_bwd_rise_excl_grad_bytes") for r in rows]
+    for ax, values, unit, title in (
+        (axes[0], times, "ms (median)", f"fwd+bwd time ({case})"),
+        (axes[1], [None if m is None else m / MiB for m in mems], "MiB", "peak rise above inputs, excl. grad"),
+    ):
+        ax.bar(range(len(labels)), [v if v is not None else 0.0 for v in values], color="C0")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+NO_MATPLOTLIB = "--plot needs matplotlib (pip install matplotlib)"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files only (no display needed), or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, report: dict, path, title: str = "catdpo-bench") -> None:
+    """Titles the figure with the device, date and torch version, then writes it atomically (as the files)."""
     meta = report["meta"]
-    fig.suptitle(
-        f"catdpo-bench: {meta['device_label']}\n{meta['date_utc']}, torch {meta['versions']['torch']}", fontsize=10
-    )
+    fig.suptitle(f"{title}: {meta['device_label']}\n{meta['date_utc']}, torch {meta['versions']['torch']}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,4 +396,3 @@ def write_plot(report: dict, path) -> str | None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
-    return None

@@ -19,14 +19,13 @@ On GPU every timed call cycles through ``len(inputs)`` input sets (see
 
 from __future__ import annotations
 
-import gc
 import itertools
 import traceback
 
 import torch
 
 from .cases import Skip, Variant, scoped_env, skip_reason
-from .memory import peak_above_start, tensor_bytes
+from .memory import record_rises, release, tensor_bytes
 from .timing import derived_timing, synchronize, time_cpu, time_gpu
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -63,13 +62,6 @@ def _fwd_bwd(forward, inp):
     loss, targets = forward(inp)
     grads = torch.autograd.grad(loss, targets)
     return grads, targets
-
-
-def _cleanup(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
 
 
 def blank_result(variant: Variant, base: dict, *, status: str = "ok", note: str | None = None) -> dict:
@@ -109,7 +101,7 @@ def run_variant(variant: Variant, inputs: list, base: dict, settings: Settings) 
         )
         result.update(time_ms={}, memory={})
     finally:
-        _cleanup(device)
+        release(device)
     return result
 
 
@@ -143,19 +135,7 @@ def _measure(variant: Variant, inputs: list, result: dict, settings: Settings) -
         "grad_bytes": grad_bytes,
     }
     if settings.memory:
-        fwd_rise, out = peak_above_start(lambda: forward(first), device)
-        del out
-        rise, out = peak_above_start(lambda: _fwd_bwd(forward, first), device)
-        del out
-        mem.update(
-            fwd_rise_bytes=fwd_rise,
-            fwd_bwd_rise_bytes=rise,
-            fwd_bwd_rise_excl_grad_bytes=max(rise - grad_bytes, 0),
-            peak_bytes=mem["input_bytes"] + rise,
-            method="CUDA caching-allocator peak counter"
-            if device.type == "cuda"
-            else "torch.profiler [memory] events replayed",
-        )
+        record_rises(mem, lambda: forward(first), lambda: _fwd_bwd(forward, first), device)
     result["memory"] = mem
 
     # 3. timing

@@ -5,7 +5,10 @@
 For each file: the device and date, the rows of the main case (the docs/design.md
 shape for that device when the run has it, else the first case) with their
 ratios against the naive row of that same run, the §5 verdicts, and for runs
-with several triton configs the configs ranked by fwd+bwd time. Used by
+with several triton configs the configs ranked by fwd+bwd time. A ``--head`` run
+gets the fused-head section instead: its main case (or every T of a
+``--scaling`` run) with the ratios against naive, TFLOP/s, % of the measured
+GEMM and the verdicts of the fused-head targets. Used by
 ``benchmarks/gpu_check.sh`` and for quoting numbers in the README.
 """
 
@@ -30,6 +33,10 @@ def main_case(data: dict) -> str | None:
 
 
 def digest(data: dict, name: str = "") -> list[str]:
+    if (data.get("settings") or {}).get("mode") == "head":
+        from .head_report import digest as head_digest
+
+        return head_digest(data, name)
     meta = data["meta"]
     commit = (meta.get("git", {}).get("commit") or "unknown")[:12]
     lines = [

@@ -44,18 +44,31 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 
 
 def case_key(result: dict) -> tuple:
+    """The rows compared with each other: one case (shape, dtype) and input group of one run."""
     return (result["case"], result["group"])
 
 
-def _median(result: dict, mode: str):
-    t = (result.get("time_ms") or {}).get(mode)
-    return None if t is None else t.get("median_ms")
+def median_ms(result: dict | None, mode: str, stat: str = "median_ms"):
+    """The median time of ``mode`` (or another of its figures: ``stat="min_ms"``); None for a missing row or mode."""
+    t = ((result or {}).get("time_ms") or {}).get(mode)
+    return None if t is None else t.get(stat)
 
 
-def _div(a, b):
+def div(a, b):
+    """``a / b``, None when either is missing or ``b`` is 0 (a ratio that was not measured)."""
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def verdict_entry(tid, text, metric, op, threshold, value, *, at_design_shape: bool, **extra) -> dict:
+    """One target's record in a row's ``targets``: ``ok`` is None when the figure was not measured;
+    ``extra`` fields (the head mode's ``compared_with``) come before ``at_design_shape``."""
+    ok = None
+    if value is not None:
+        ok = value >= threshold if op == ">=" else value <= threshold if op == "<=" else value < threshold
+    entry = {"id": tid, "text": text, "metric": metric, "op": op, "threshold": threshold, "value": value, "ok": ok}
+    return {**entry, **extra, "at_design_shape": at_design_shape}
 
 
 def traffic_bytes(result: dict) -> dict:
@@ -88,18 +101,18 @@ def annotate(results: list[dict], *, device_type: str, copy_gbps: float | None) 
 def _ratios(r: dict, base: dict | None, compiled: dict | None) -> dict:
     out = {"baseline": base["label"] if base else None}
     for mode in MODES:
-        out[f"speedup_{mode}"] = _div(_median(base, mode), _median(r, mode)) if base else None
-    out["time_ratio_fwd_bwd"] = _div(_median(r, "fwd_bwd"), _median(base, "fwd_bwd")) if base else None
+        out[f"speedup_{mode}"] = div(median_ms(base, mode), median_ms(r, mode)) if base else None
+    out["time_ratio_fwd_bwd"] = div(median_ms(r, "fwd_bwd"), median_ms(base, "fwd_bwd")) if base else None
     out["speedup_vs_compiled_fwd_bwd"] = (
-        _div(_median(compiled, "fwd_bwd"), _median(r, "fwd_bwd")) if compiled and compiled is not r else None
+        div(median_ms(compiled, "fwd_bwd"), median_ms(r, "fwd_bwd")) if compiled and compiled is not r else None
     )
     mem, base_mem = r.get("memory") or {}, (base or {}).get("memory") or {}
-    out["memory_ratio_excl_grad"] = _div(
+    out["memory_ratio_excl_grad"] = div(
         mem.get("fwd_bwd_rise_excl_grad_bytes"), base_mem.get("fwd_bwd_rise_excl_grad_bytes")
     )
-    out["memory_ratio"] = _div(mem.get("fwd_bwd_rise_bytes"), base_mem.get("fwd_bwd_rise_bytes"))
-    out["forward_memory_ratio"] = _div(mem.get("fwd_rise_bytes"), base_mem.get("fwd_rise_bytes"))
-    out["rise_fraction_of_logits"] = _div(mem.get("fwd_bwd_rise_bytes"), mem.get("logits_bytes"))
+    out["memory_ratio"] = div(mem.get("fwd_bwd_rise_bytes"), base_mem.get("fwd_bwd_rise_bytes"))
+    out["forward_memory_ratio"] = div(mem.get("fwd_rise_bytes"), base_mem.get("fwd_rise_bytes"))
+    out["rise_fraction_of_logits"] = div(mem.get("fwd_bwd_rise_bytes"), mem.get("logits_bytes"))
     return out
 
 
@@ -109,7 +122,7 @@ def _bandwidth(r: dict, copy_gbps: float | None) -> dict:
         return {}
     out = {"bytes": traffic, "GBps": {}, "pct_of_copy": {}, "copy_GBps": copy_gbps}
     for mode, nbytes in traffic.items():
-        ms = _median(r, mode)
+        ms = median_ms(r, mode)
         gbps = None if not ms else nbytes / (ms * 1e-3) / 1e9
         out["GBps"][mode] = gbps
         out["pct_of_copy"][mode] = None if gbps is None or not copy_gbps else 100.0 * gbps / copy_gbps
@@ -139,20 +152,8 @@ def _targets(r: dict, device_type: str) -> list[dict]:
     for tid, spec, metric, op, threshold, text in TARGETS:
         if not _applies(spec, r, device_type):
             continue
-        value = metric_value(r, metric)
-        ok = None
-        if value is not None:
-            ok = value >= threshold if op == ">=" else value <= threshold if op == "<=" else value < threshold
+        at_design_shape = target_shape == (r["shape_str"], r["dtype"])
         out.append(
-            {
-                "id": tid,
-                "text": text,
-                "metric": metric,
-                "op": op,
-                "threshold": threshold,
-                "value": value,
-                "ok": ok,
-                "at_design_shape": target_shape == (r["shape_str"], r["dtype"]),
-            }
+            verdict_entry(tid, text, metric, op, threshold, metric_value(r, metric), at_design_shape=at_design_shape)
         )
     return out

@@ -52,14 +52,19 @@ def time_cpu(fn: Callable[[], object], repeats: int) -> Timing:
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
+    return summarize(samples, "wall clock (perf_counter)")
+
+
+def summarize(samples_ms: list[float], method: str) -> Timing:
+    """Median, 20th/80th percentiles and minimum of timed samples (ms)."""
+    samples = sorted(samples_ms)
     return Timing(
         median_ms=statistics.median(samples),
         p20_ms=_quantile(samples, 0.2),
         p80_ms=_quantile(samples, 0.8),
         min_ms=samples[0],
         runs=len(samples),
-        method="wall clock (perf_counter)",
+        method=method,
     )
 
 
