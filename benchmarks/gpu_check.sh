@@ -3,27 +3,35 @@
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT
 #
-# Stages, each under `timeout` with a budget carved from one overall deadline
-# (CATDPO_GPU_CHECK_BUDGET seconds, default 460, so the whole run ends within 8 minutes):
+# Stages in priority order, each under `timeout` with a budget carved from one overall deadline
+# (CATDPO_GPU_CHECK_BUDGET seconds, default 330: done within 6 minutes, room for a rerun inside a
+# 15-minute allowance). Every stage writes its results as it goes, so a stage cut short keeps them.
 #
-#   1. install   pip install -e . without network or deps; builds the C++/CUDA extension.
-#                On failure: a note, CATDPO_NO_JIT=1 for the rest (no JIT build eats the budget).
-#   2. gpu tests python3 -m pytest -m gpu tests      -> tests.log
-#   3. triton    python3 -m pytest tests/test_correctness.py -k triton (on CUDA when present) -> tests.log
-#   4. bench     catdpo-bench with the GPU defaults, --copy-bandwidth (measured once), --inplace
-#                -> <device>_<UTC time>.json and .md (--save-results: the names benchmarks/results/ uses),
-#                   bench.png; rewritten after every row, so a timeout keeps what was measured
-#   5. configs   triton launch configs at 8x2048x128256 bf16, naive row included, copy bandwidth from 4.
-#                -> configs.json, configs.md
-#   6. summary   stage table + main-case digest -> summary.md (also printed)
+#   stage            expected on an H100/H200   limit   writes
+#   1 build          60-90 s (one .cu file)     150 s   log.txt; on failure a note, and CATDPO_NO_JIT=1
+#                                                       for everything after (no JIT rebuild per process)
+#   2 gpu tests      30-60 s (-n 8: Triton       90 s   tests.log: -m gpu, and the triton cases of the
+#                    compiles in parallel)              correctness / fused-head / fault modules, on CUDA
+#                                                       (never the interpreter: triton 3.6 + NumPy >= 2.4
+#                                                       break it)
+#   3 target shapes  90-150 s                   150 s   <device>_<time>.json/.md: 8x2048x128256 bf16, naive,
+#                                                       compiled, triton (+ in place), copy bandwidth;
+#                                                       <device>_head_<time>.json/.md: 8x2048x4096x128256 bf16, naive,
+#                                                       compiled, triton, frozen, and the peers present
+#                                                       (GEMM peak measured per case)
+#   4 other shapes   rest of the budget          rest   appended to the logits results if time is left
+#   5 summary        < 5 s                              summary.md (also printed)
 #
-# Everything printed also goes to log.txt. $OUT gets at most 8 files: log.txt, tests.log,
-# <device>_<time>.json, <device>_<time>.md, bench.png, configs.json, configs.md, summary.md.
+# Peers missing from the machine (trl, liger-kernel, cut-cross-entropy) are installed from wheels
+# in $CATDPO_WHEELS (default: .whl/ in the repository) when that folder exists, without network.
 #
-# Dry run without a GPU (tiny CPU shapes, triton rows skipped):
+# $OUT gets at most 8 files: log.txt, tests.log, summary.md, <device>_<time>.json/.md,
+# <device>_head_<time>.json/.md (named as catdpo-bench --save-results names them, so they go into
+# benchmarks/results/ unchanged), bench.png.
+#
+# Dry run without a GPU (tiny CPU shapes, triton rows skipped; the control flow only):
 #     CATDPO_GPU_CHECK_ALLOW_CPU=1 CATDPO_GPU_CHECK_SKIP_INSTALL=1 OUT=/tmp/gc bash benchmarks/gpu_check.sh
-# Other switches: CATDPO_GPU_CHECK_SKIP_TESTS=1, CATDPO_GPU_CHECK_PIP="<install command>",
-# PYTHON=python3.
+# Other switches: CATDPO_GPU_CHECK_SKIP_TESTS=1, CATDPO_GPU_CHECK_PIP="<install command>", PYTHON=python3.
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -40,20 +48,20 @@ SUMMARY="$OUT/summary.md"
 : >"$TESTS_LOG"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-BUDGET=${CATDPO_GPU_CHECK_BUDGET:-460}
+BUDGET=${CATDPO_GPU_CHECK_BUDGET:-330}
 DEADLINE=$((SECONDS + BUDGET))
 STAGES=()   # "name|status|seconds|note"
 
 say() { printf '%s\n' "$*" | tee -a "$LOG"; }
 
-# seconds left for a stage: min(want, time left minus what later stages reserve)
+# seconds for a stage: min(want, time left minus what later stages reserve)
 stage_time() {
     local want=$1 reserve=$2 left
     left=$((DEADLINE - SECONDS - reserve))
     if ((left < want)); then echo "$left"; else echo "$want"; fi
 }
 
-# run_stage NAME SECONDS LOGFILE CMD...: runs CMD under timeout, output to the terminal, LOG (and LOGFILE)
+# run_stage NAME SECONDS LOGFILE CMD...: CMD under timeout, output to the terminal, LOG (and LOGFILE)
 run_stage() {
     local name=$1 secs=$2 extra_log=$3
     shift 3
@@ -66,9 +74,9 @@ run_stage() {
     say "== $name (limit ${secs}s): $*"
     local start=$SECONDS rc
     if [[ -n $extra_log ]]; then
-        timeout -k 15 "$secs" "$@" 2>&1 | tee -a "$LOG" "$extra_log"
+        timeout -k 10 "$secs" "$@" 2>&1 | tee -a "$LOG" "$extra_log"
     else
-        timeout -k 15 "$secs" "$@" 2>&1 | tee -a "$LOG"
+        timeout -k 10 "$secs" "$@" 2>&1 | tee -a "$LOG"
     fi
     rc=$?
     local took=$((SECONDS - start)) status=ok
@@ -113,66 +121,95 @@ else
     exit 2
 fi
 
-# ------------------------------------------------------------------ 1. install
+# ------------------------------------------------------------------ peers from local wheels
+WHEELS=${CATDPO_WHEELS:-$REPO/.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    PEERS=/tmp/catdpo_peers
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$PEERS" "$WHEELS"/*.whl >>"$LOG" 2>&1; then
+        export PYTHONPATH="$PYTHONPATH:$PEERS"
+        note peers "installed from $WHEELS: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
+    else
+        note peers "installing the wheels in $WHEELS failed (see log.txt): peer rows will be skipped"
+    fi
+fi
+
+# ------------------------------------------------------------------ 1. build
 if [[ ${CATDPO_GPU_CHECK_SKIP_INSTALL:-0} == 1 ]]; then
-    note install "skipped (CATDPO_GPU_CHECK_SKIP_INSTALL=1): using the package from $REPO via PYTHONPATH"
+    note build "skipped (CATDPO_GPU_CHECK_SKIP_INSTALL=1): using the package from $REPO via PYTHONPATH"
 else
     export MAX_JOBS=${MAX_JOBS:-16}
     [[ -n $ARCH ]] && export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
     [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]] && export CUDA_HOME=/usr/local/cuda
     # shellcheck disable=SC2206
     PIP_CMD=(${CATDPO_GPU_CHECK_PIP:-$PY -m pip install --no-build-isolation --no-deps --no-index -e .})
-    if ! run_stage install "$(stage_time 120 300)" "" "${PIP_CMD[@]}"; then
-        export CATDPO_NO_JIT=1
-        note install "pip install failed or timed out: continuing from the source tree (PYTHONPATH) with CATDPO_NO_JIT=1, so the segment-reduce op uses its torch fallback unless an earlier build exists"
-    fi
+    run_stage build "$(stage_time 150 180)" "" "${PIP_CMD[@]}" || note build "the install failed or timed out"
 fi
-EXT_INFO=$(CATDPO_NO_JIT=1 timeout 60 "$PY" -c "from catdpo_kernels import _ext; i = _ext.build_info(); print(i['source'], 'cpu_kernel=%s cuda_kernel=%s' % (i['cpu_kernel'], i['cuda_kernel']), '; '.join(i['errors'])[:300])" 2>&1 | tail -1)
+# Whatever the build did, no later process may spend its budget on a JIT rebuild.
+export CATDPO_NO_JIT=1
+EXT_INFO=$(timeout 60 "$PY" -c "from catdpo_kernels import _ext; i = _ext.build_info(); print(i['source'], 'cpu_kernel=%s cuda_kernel=%s' % (i['cpu_kernel'], i['cuda_kernel']), '; '.join(i['errors'])[:300])" 2>&1 | tail -1)
 say "extension: $EXT_INFO"
 if [[ $ON_GPU == 1 && $EXT_INFO != *cuda_kernel=True* ]]; then
-    note extension "the compiled CUDA segment-reduce kernel is not loaded ($EXT_INFO)"
+    note extension "the compiled CUDA segment-reduce kernel is not loaded ($EXT_INFO): the torch fallback runs"
 fi
 
-# ------------------------------------------------------------------ 2-3. tests
+# ------------------------------------------------------------------ 2. gpu tests
 if [[ ${CATDPO_GPU_CHECK_SKIP_TESTS:-0} == 1 ]]; then
     note tests "skipped (CATDPO_GPU_CHECK_SKIP_TESTS=1)"
 elif ! "$PY" -c "import pytest" >/dev/null 2>&1; then
     note tests "pytest is not installed for $PY: GPU tests not run"
+elif [[ $ON_GPU == 0 ]]; then
+    note tests "no GPU: the GPU tests are skipped in a dry run"
 else
-    run_stage "gpu tests" "$(stage_time 80 230)" "$TESTS_LOG" \
-        "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
-    run_stage "triton backend tests" "$(stage_time 70 190)" "$TESTS_LOG" \
-        "$PY" -m pytest tests/test_correctness.py -k triton -q -p no:cacheprovider
+    XDIST=()
+    "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 8)
+    run_stage "gpu tests" "$(stage_time 90 160)" "$TESTS_LOG" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+        tests/test_triton_gpu.py tests/test_segment_reduce.py tests/test_opcheck.py \
+        tests/test_correctness.py tests/test_linear_loss.py tests/test_faults.py -k "gpu or triton or cuda"
 fi
 
-# ------------------------------------------------------------------ 4. bench
+# ------------------------------------------------------------------ 3. target shapes
 if [[ $ON_GPU == 1 ]]; then
-    BENCH_ARGS=(--inplace --rep-ms 100)
-    MAIN_SHAPE=8x2048x128256
-    MAIN_DTYPE=bf16
+    LOGITS_ARGS=(--shapes 8x2048x128256 --dtypes bf16 --backends reference,compiled,triton --inplace
+        --copy-bandwidth --anchors off --rep-ms 100)
+    HEAD_ARGS=(--head --repeats 5)
+    OTHER_ARGS=(--shapes 8x2048x32000,8x512x128256 --dtypes bf16 --backends reference,triton --anchors off --rep-ms 50)
 else
-    BENCH_ARGS=(--device cpu --shapes 4x64x1000,4x64x4000,4x16x4000 --dtypes fp32 --repeats 1
-        --backends reference,triton,compiled,torch --inplace)
-    MAIN_SHAPE=4x64x4000
-    MAIN_DTYPE=fp32
+    LOGITS_ARGS=(--device cpu --shapes 4x64x1000 --dtypes fp32 --backends reference,triton,torch --inplace
+        --repeats 1)
+    HEAD_ARGS=(--head --device cpu --head-shapes 4x32x16x500 --repeats 1 --rows naive,ours-torch,ours-triton)
+    OTHER_ARGS=(--device cpu --shapes 4x16x4000 --dtypes fp32 --backends reference,torch --repeats 1)
 fi
-rm -f "$OUT"/*_[0-9]*T[0-9]*.json "$OUT"/*_[0-9]*T[0-9]*.md
-run_stage bench "$(stage_time 240 70)" "" "$PY" -m catdpo_kernels.bench "${BENCH_ARGS[@]}" --copy-bandwidth \
-    --no-progress --save-results "$OUT" --plot "$OUT/bench.png"
-BENCH_JSON=$(ls -t "$OUT"/*_[0-9]*T[0-9]*.json 2>/dev/null | head -1)
+rm -f "$OUT"/logits_run.* "$OUT"/head_run.* "$OUT"/logits_other.* "$OUT"/bench.png
+run_stage "logits target" "$(stage_time 80 70)" "" "$PY" -m catdpo_kernels.bench "${LOGITS_ARGS[@]}" \
+    --no-progress --json "$OUT/logits_run.json" --markdown "$OUT/logits_run.md"
+run_stage "head target" "$(stage_time 90 15)" "" "$PY" -m catdpo_kernels.bench "${HEAD_ARGS[@]}" \
+    --no-progress --json "$OUT/head_run.json" --markdown "$OUT/head_run.md" --plot "$OUT/bench.png"
 
-# ------------------------------------------------------------------ 5. triton configs
+# ------------------------------------------------------------------ 4. other shapes
 COPY_ARGS=()
-COPY_GBPS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['copy_bandwidth']['GBps'])" "${BENCH_JSON:-/dev/null}" 2>/dev/null)
+COPY_GBPS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['copy_bandwidth']['GBps'])" "$OUT/logits_run.json" 2>/dev/null)
 [[ -n $COPY_GBPS ]] && COPY_ARGS=(--copy-gbps "$COPY_GBPS")
-CONFIGS=(--triton-config default --triton-config BLOCK_V=8192,num_warps=8 --triton-config BLOCK_V=4096,num_warps=8
-    --triton-config BLOCK_V=4096,num_warps=4 --triton-config BLOCK_V=2048,num_warps=4)
-[[ $ON_GPU == 0 ]] && CONFIGS=(--device cpu --repeats 1 --triton-config default --triton-config BLOCK_V=4096,num_warps=8)
-run_stage "triton configs" "$(stage_time 100 10)" "" "$PY" -m catdpo_kernels.bench --shapes "$MAIN_SHAPE" \
-    --dtypes "$MAIN_DTYPE" --backends reference,triton "${CONFIGS[@]}" "${COPY_ARGS[@]}" --no-memory --no-progress \
-    --json "$OUT/configs.json" --markdown "$OUT/configs.md"
+run_stage "other shapes" "$(stage_time 120 10)" "" "$PY" -m catdpo_kernels.bench "${OTHER_ARGS[@]}" \
+    "${COPY_ARGS[@]}" --no-progress --json "$OUT/logits_other.json" --markdown "$OUT/logits_other.md"
 
-# ------------------------------------------------------------------ 6. summary
+# The names benchmarks/results/ uses (those of --save-results): <device>_<time> and <device>_head_<time>.
+read -r SLUG TIME < <("$PY" -c "
+import json, sys
+from catdpo_kernels.bench.env import device_slug
+m = json.load(open(sys.argv[1]))['meta']
+print(device_slug(m['device']), m['date_utc'][:19].replace(':', '').replace('-', ''))" "$OUT/logits_run.json" 2>/dev/null || echo "run $(date -u +%Y%m%dT%H%M%S)")
+LOGITS_NAME="${SLUG}_${TIME}"
+HEAD_NAME="${SLUG}_head_${TIME}"
+for ext in json md; do
+    [[ -f $OUT/logits_run.$ext ]] && mv "$OUT/logits_run.$ext" "$OUT/$LOGITS_NAME.$ext"
+    [[ -f $OUT/head_run.$ext ]] && mv "$OUT/head_run.$ext" "$OUT/$HEAD_NAME.$ext"
+done
+# The other shapes ride along in the logits markdown (one file fewer than the 8 that come back).
+if [[ -f $OUT/logits_other.md && -f $OUT/$LOGITS_NAME.md ]]; then
+    { echo; echo "## Other shapes"; echo; cat "$OUT/logits_other.md"; } >>"$OUT/$LOGITS_NAME.md"
+fi
+
+# ------------------------------------------------------------------ 5. summary
 {
     echo "# gpu_check summary"
     echo
@@ -188,20 +225,22 @@ run_stage "triton configs" "$(stage_time 100 10)" "" "$PY" -m catdpo_kernels.ben
     done
     if [[ -s $TESTS_LOG ]]; then
         echo
-        echo "tests (last lines of each pytest run):"
+        echo "tests (last lines of the pytest run):"
         echo
         grep -E '(passed|failed|error|skipped|no tests ran)( |,|$)' "$TESTS_LOG" | grep -E '^=+ |^[0-9]+ ' | sed 's/^/    /'
     fi
     echo
     SUMMARY_FILES=()
-    for f in "${BENCH_JSON:-}" "$OUT/configs.json"; do [[ -n $f && -s $f ]] && SUMMARY_FILES+=("$f"); done
+    for f in "$OUT/$LOGITS_NAME.json" "$OUT/$HEAD_NAME.json" "$OUT/logits_other.json"; do
+        [[ -s $f ]] && SUMMARY_FILES+=("$f")
+    done
     if ((${#SUMMARY_FILES[@]})); then
         timeout 60 "$PY" -m catdpo_kernels.bench.summary "${SUMMARY_FILES[@]}" 2>&1
     else
         echo "no benchmark results were written"
     fi
 } >"$SUMMARY" 2>&1
-rm -f "$OUT"/.*.tmp.png "$OUT"/.*.json.* "$OUT"/.*.md.* 2>/dev/null  # leftovers of a write cut short
+rm -f "$OUT/logits_other.json" "$OUT/logits_other.md" "$OUT"/.*.tmp.png "$OUT"/.*.json.* "$OUT"/.*.md.* 2>/dev/null
 say ""
 cat "$SUMMARY" | tee -a "$LOG"
 say ""

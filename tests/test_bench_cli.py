@@ -126,6 +126,7 @@ def _row(label, kind, ms, rise, grad, *, baseline=False, inplace=False):
     logits = 8 * 2048 * 128256 * 2
     return {
         "case": "8x2048x128256 bf16",
+        "shape": {"rows": 8, "tokens": 2048, "vocab": 128256},
         "shape_str": "8x2048x128256",
         "dtype": "bf16",
         "group": "logits",
@@ -156,13 +157,17 @@ def test_gpu_ratios_bandwidth_and_targets_from_synthetic_rows():
     triton = rows[2]
     assert triton["ratios"]["speedup_fwd_bwd"] == 5.0
     assert triton["ratios"]["speedup_vs_compiled_fwd_bwd"] == 2.5
-    moved = 4 * 8 * 2048 * 128256 * 2
+    # Only the counted three quarters of the tokens are read (twice for the policy, once for the
+    # reference); the whole gradient is written: (1 + 3 * 0.75) of the logits, not 4.
+    moved = 3.25 * 8 * 2048 * 128256 * 2
     assert triton["bandwidth"]["bytes"]["fwd_bwd"] == moved
     gbps = moved / 8e-3 / 1e9
     assert math.isclose(triton["bandwidth"]["GBps"]["fwd_bwd"], gbps)
     assert math.isclose(triton["bandwidth"]["pct_of_copy"]["fwd_bwd"], 100 * gbps / 3000.0)
     verdicts = {t["id"]: t["ok"] for t in triton["targets"]}
-    expected = {"speedup_vs_naive": True, "speedup_vs_compiled": True, "bandwidth": True, "memory_vs_naive": True}
+    # 3.25 logits of traffic in 8 ms is 57% of a 3000 GB/s copy: below the 70% target (crediting 4 logits
+    # would have passed it at 70%).
+    expected = {"speedup_vs_naive": True, "speedup_vs_compiled": True, "bandwidth": False, "memory_vs_naive": True}
     assert verdicts == expected
     assert all(t["at_design_shape"] for t in triton["targets"])
     inplace = {t["id"]: t["ok"] for t in rows[3]["targets"]}

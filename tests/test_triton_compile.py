@@ -10,6 +10,7 @@ interpreted functions.
 """
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -21,52 +22,21 @@ TARGETS = ((80, 32), (90, 32))
 
 def kernel_variants():
     """``(kernel name, signature, constexprs)`` for every launch the wrappers make."""
+    from catdpo_kernels.bench.sass import logits_signatures
+
     out = []
     for dt, labels in itertools.product(("bf16", "fp16", "fp32"), ("i64", "i32")):
+        fwd, bwd = logits_signatures(dt, labels)
+        vec = 4 if dt == "fp32" else 8
         for shift, has_ref, block in ((0, True, 8192), (1, False, 4096), (1, True, 16)):
-            sig = dict(
-                policy_ptr=f"*{dt}",
-                ref_ptr=f"*{dt}",
-                labels_ptr=f"*{labels}",
-                token_logp_ptr="*fp32",
-                max_logsum_ptr="*fp32",
-                T_eff="i32",
-                V="i32",
-                stride_pr="i64",
-                stride_pt="i64",
-                stride_rr="i64",
-                stride_rt="i64",
-                stride_lr="i64",
-                stride_lt="i64",
-                ignore_index="i32",
-                SHIFT="constexpr",
-                HAS_REF="constexpr",
-                BLOCK_V="constexpr",
-            )
-            out.append(("token_logps_kernel", sig, dict(SHIFT=shift, HAS_REF=has_ref, BLOCK_V=block)))
+            # The unaligned variant once per dtype: it only drops the body's alignment hint.
+            aligned = not (shift and has_ref and labels == "i64")
+            consts = dict(SHIFT=shift, HAS_REF=has_ref, VEC=vec, ALIGNED_P=aligned, ALIGNED_R=True, BLOCK_V=block)
+            out.append(("token_logps_kernel", fwd, consts))
         for shift, average in ((0, False), (1, True)):
-            sig = dict(
-                logits_ptr=f"*{dt}",
-                grad_ptr=f"*{dt}",
-                labels_ptr=f"*{labels}",
-                max_logsum_ptr="*fp32",
-                g_seq_ptr="*fp32",
-                counts_ptr="*i32",
-                T="i32",
-                T_eff="i32",
-                V="i32",
-                stride_xr="i64",
-                stride_xt="i64",
-                stride_gr="i64",
-                stride_gt="i64",
-                stride_lr="i64",
-                stride_lt="i64",
-                ignore_index="i32",
-                SHIFT="constexpr",
-                AVERAGE="constexpr",
-                BLOCK_V="constexpr",
-            )
-            out.append(("logits_grad_kernel", sig, dict(SHIFT=shift, AVERAGE=average, BLOCK_V=8192)))
+            for aligned, phase in ((True, True), (True, False), (False, False)):
+                consts = dict(SHIFT=shift, AVERAGE=average, ALIGNED=aligned, SAME_PHASE=phase, INTERPRET=False)
+                out.append(("logits_grad_kernel", bwd, dict(consts, VEC=vec, BLOCK_V=8192)))
         sig = dict(
             token_logp_ptr="*fp32",
             labels_ptr=f"*{labels}",
@@ -107,6 +77,23 @@ def kernel_variants():
         )
         consts = dict(FAMILY=family, MULTI_HOT=multi_hot, NUM_STATS=6, BLOCK_B=128, BLOCK_C=32)
         out.append(("pair_terms_kernel", sig, consts))
+    out += head_variants()
+    return out
+
+
+def head_variants():
+    """The fused head's fold and gradient kernels: every dtype, each transform flag on and off."""
+    from catdpo_kernels.bench.sass import head_signatures
+
+    out = []
+    for i, dt in enumerate(("bf16", "fp16", "fp32")):
+        fold, grad = head_signatures(dt)
+        group = 4 if dt == "fp32" else 8
+        for on in (False, True):
+            # The flags rotate with the dtype, so that each meets both values without the full cube.
+            flags = dict(HAS_BIAS=on, HAS_SCALE=on != (i == 1), HAS_SOFTCAP=on != (i == 2))
+            out.append(("fold_tile_kernel", fold, dict(flags, METRICS=on, GROUP=group, BLOCK_V=2048)))
+            out.append(("grad_tile_kernel", grad, dict(flags, INTERPRET=False, BLOCK_V=1024)))
     return out
 
 
@@ -115,13 +102,15 @@ def compile_all() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from catdpo_kernels.kernels import pair_terms, sequence_logps
+    from catdpo_kernels.kernels import linear_head, pair_terms, sequence_logps
 
     kernels = {
         "token_logps_kernel": sequence_logps.token_logps_kernel,
         "logits_grad_kernel": sequence_logps.logits_grad_kernel,
         "row_reduce_kernel": sequence_logps.row_reduce_kernel,
         "pair_terms_kernel": pair_terms.pair_terms_kernel,
+        "fold_tile_kernel": linear_head.fold_tile_kernel,
+        "grad_tile_kernel": linear_head.grad_tile_kernel,
     }
     count = 0
     for (arch, warp), (name, sig, consts) in itertools.product(TARGETS, kernel_variants()):
@@ -154,3 +143,35 @@ def test_kernels_compile_for_sm80_and_sm90():
 
 if __name__ == "__main__":
     compile_all()
+
+
+# Hot-loop SASS instructions per element at sm_90 (catdpo_kernels.bench.sass), with some headroom
+# over what the kernels compile to today: a regression of the loops shows here without a GPU.
+MAX_PER_ELEMENT = {
+    "logits forward": 8.5,
+    "logits backward": 8.0,
+    "head fold": 8.5,
+    "head fold +metrics": 18.0,
+    "head gradient": 8.5,
+}
+
+
+def test_hot_loops_stay_lean_and_vectorised(tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sass.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "catdpo_kernels.bench.sass", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    loops = json.loads(out.read_text())["loops"]
+    assert len(loops) == 10
+    for loop in loops:
+        kind = loop["kernel"].rsplit(" ", 1)[0] if "+metrics" not in loop["kernel"] else "head fold +metrics"
+        assert loop["per_element"] <= MAX_PER_ELEMENT[kind], loop
+        assert loop["vector_loads"] > 0 and loop["scalar_loads"] == 0, loop

@@ -18,8 +18,13 @@ from .triton_backend import TritonBackend
 REGISTRY: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TorchBackend(), TritonBackend())}
 
 
+# Looked up once: a lookup per call would be a graph break under torch.compile
+# (dynamo refuses to trace importlib on torch 2.11).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:

@@ -219,8 +219,9 @@ def legend_lines(report: dict) -> list[str]:
     ]
     if show_bandwidth(report):
         lines.append(
-            "GB/s = 4*2B*T*V*elem_size bytes / fwd+bwd time "
-            "(fwd reads policy+ref, bwd reads policy and writes its gradient)."
+            "GB/s = (1 + 3f)*2B*T*V*elem_size bytes / fwd+bwd time, f the counted share of tokens "
+            "(fwd reads the counted policy+ref logits, bwd reads the counted policy logits and writes "
+            "the whole gradient)."
         )
     return lines
 

@@ -71,14 +71,24 @@ def verdict_entry(tid, text, metric, op, threshold, value, *, at_design_shape: b
     return {**entry, **extra, "at_design_shape": at_design_shape}
 
 
+def counted_fraction(result: dict) -> float:
+    """The share of tokens the kernels score: every row's first ``PROMPT_FRACTION`` is a masked prompt."""
+    from .cases import PROMPT_FRACTION
+
+    tokens = result["shape"]["tokens"]
+    return (tokens - int(tokens * PROMPT_FRACTION)) / tokens
+
+
 def traffic_bytes(result: dict) -> dict:
-    """Minimal HBM traffic of each mode (docs/design.md, "Performance model"): fwd reads policy + ref logits once,
-    bwd reads the policy logits again and writes their gradient."""
+    """The HBM traffic each mode really needs (docs/design.md, "Performance model"): the forward reads
+    the policy and reference logits of the *counted* tokens (a masked token's logits are never read),
+    the backward reads the counted policy logits again and writes the whole gradient (zeros included)."""
     mem = result.get("memory") or {}
     logits = mem.get("logits_bytes")
     if not logits or result["group"] != "logits":
         return {}
-    return {"fwd": 2 * logits, "bwd": 2 * logits, "fwd_bwd": 4 * logits}
+    f = counted_fraction(result)
+    return {"fwd": 2 * f * logits, "bwd": (1 + f) * logits, "fwd_bwd": (1 + 3 * f) * logits}
 
 
 def annotate(results: list[dict], *, device_type: str, copy_gbps: float | None) -> None:

@@ -36,6 +36,7 @@ from .linear_head_torch import (
     one_pass_backward,
     sequence_logps,
 )
+from .triton_config import interpreting
 
 __all__ = ["HeadSide", "OnePassHead", "TwoPassHead", "score_tokens", "sequence_logps", "tile_element_bytes"]
 
@@ -62,6 +63,7 @@ def _transform_args(t: HeadTransform) -> dict:
         inv_softcap=1.0 / cap,
         softcap=cap,
         inv_temp=1.0 / t.temperature,
+        HAS_SCALE=t.logit_scale != 1.0 or t.temperature != 1.0,
         HAS_SOFTCAP=t.softcap is not None,
     )
 
@@ -86,7 +88,8 @@ class _Chunking:
     def for_call(cls, n_tokens: int, vocab: int, elements: int) -> _Chunking:
         if n_tokens * vocab <= elements:
             return cls(vocab, max(n_tokens, 1))
-        chunk = min(vocab, max(_MIN_CHUNK, elements // max(n_tokens, 1)))
+        # A multiple of 128 columns keeps each chunk's bias and weight rows aligned.
+        chunk = min(vocab, max(_MIN_CHUNK, elements // max(n_tokens, 1) // 128 * 128))
         return cls(chunk, max(1, elements // chunk))
 
 
@@ -133,7 +136,8 @@ def _fold(tile, bias, targets, stats: _RunningStats, sl, v0: int, transform: Hea
         **_transform_args(transform),
         HAS_BIAS=bias is not None,
         METRICS=metrics,
-        BLOCK_V=min(_FOLD_BLOCK, triton.next_power_of_2(tile.shape[1])),
+        GROUP=16 // tile.element_size(),
+        BLOCK_V=max(16, min(_FOLD_BLOCK, triton.next_power_of_2(tile.shape[1]))),
     )
 
 
@@ -141,8 +145,8 @@ def _grad_in_place(tile, bias, targets, lse, g_tok, v0: int, transform: HeadTran
     n, cols = tile.shape
     if n == 0:
         return
-    block = min(_GRAD_BLOCK, triton.next_power_of_2(cols))
-    grad_tile_kernel[(n, triton.cdiv(cols, block))](
+    block = max(16, min(_GRAD_BLOCK, triton.next_power_of_2(cols)))
+    grad_tile_kernel[(n,)](
         tile,
         tile.stride(0),
         bias if bias is not None else tile,
@@ -153,8 +157,17 @@ def _grad_in_place(tile, bias, targets, lse, g_tok, v0: int, transform: HeadTran
         cols,
         **_transform_args(transform),
         HAS_BIAS=bias is not None,
+        INTERPRET=interpreting(),
         BLOCK_V=block,
     )
+
+
+def _tile_mm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h @ w.T`` into a tile whose row stride is padded to 16 elements, so that every row
+    starts 16-byte aligned (vectorised loads and stores whatever the chunk width)."""
+    cols = w.shape[0]
+    buf = torch.empty(h.shape[0], -(-cols // 16) * 16, device=h.device, dtype=h.dtype)
+    return torch.mm(h, w.t(), out=buf[:, :cols])
 
 
 def _chunk_weight(side: HeadSide, v0: int, v1: int):
@@ -183,7 +196,7 @@ def score_tokens(
             for t0 in range(0, n, plan.token_tile):
                 t1 = min(n, t0 + plan.token_tile)
                 h = side.hidden_rows.index_select(0, layout.hidden_index[t0:t1]).to(side.compute_dtype)
-                tile = torch.mm(h, w.t())
+                tile = _tile_mm(h, w)
                 _fold(tile, bias, layout.targets[t0:t1], stats, slice(t0, t1), v0, transform, metrics is not None)
                 del tile
     lse = stats.lse()
@@ -219,7 +232,7 @@ def backward_tiles(
             for t0 in range(0, n, plan.token_tile):
                 t1 = min(n, t0 + plan.token_tile)
                 h = side.hidden_rows.index_select(0, layout.hidden_index[t0:t1]).to(side.compute_dtype)
-                tile = torch.mm(h, w.t())
+                tile = _tile_mm(h, w)
                 _grad_in_place(tile, bias, layout.targets[t0:t1], lse[t0:t1], g_tok[t0:t1], v0, transform)
                 if acc_hidden is not None:
                     _addmm_fp32(acc_hidden[t0:t1], tile, w)
@@ -259,7 +272,7 @@ class OnePassHead(torch.autograd.Function):
                 tok, local = _group_tokens(layout, i0, i1)
                 rows, tgt = layout.hidden_index[tok], layout.targets[tok]
                 h = hidden_rows.index_select(0, rows).to(side.compute_dtype)
-                tile = torch.mm(h, w.t())
+                tile = _tile_mm(h, w)
                 stats = _RunningStats(tok.shape[0], dev, metrics is not None)
                 _fold(tile, side.bias, tgt, stats, slice(None), 0, transform, metrics is not None)
                 lse = stats.lse()

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..kernels.sequence_logps import logits_grad_kernel, row_reduce_kernel, token_logps_kernel
 from .device_guard import on_device_of
 from .first_order import refuse_double_backward
-from .triton_config import vocab_loop_config
+from .triton_config import alignment_flags, interpreting, vocab_loop_config
 
 _ROW_BLOCK_T = 1024
 
@@ -48,6 +48,9 @@ def _launch_forward(policy, ref, labels, ignore_index, shift, average):
             ignore_index,
             SHIFT=int(shift),
             HAS_REF=ref is not None,
+            VEC=16 // policy.element_size(),
+            ALIGNED_P=alignment_flags(policy)[0],
+            ALIGNED_R=alignment_flags(other)[0],
             **cfg.launch_kwargs(),
         )
         row_reduce_kernel[(rows, sides)](
@@ -117,6 +120,10 @@ def _launch_backward(grad_logps, logits, grad, labels, max_logsum, counts, ignor
             ignore_index,
             SHIFT=int(shift),
             AVERAGE=bool(average),
+            VEC=16 // logits.element_size(),
+            ALIGNED=alignment_flags(logits)[0],
+            SAME_PHASE=alignment_flags(logits, grad)[1],
+            INTERPRET=interpreting(),
             **cfg.launch_kwargs(),
         )
 

@@ -44,11 +44,38 @@ def _parse_override(text: str) -> dict:
 def vocab_loop_config(vocab: int, dtype: torch.dtype) -> VocabLoopConfig:
     # 16 KiB of input per block iteration for any element size, capped by V.
     per_block = 16384 // dtype.itemsize
-    block = min(triton.next_power_of_2(vocab), per_block, MAX_BLOCK_V)
-    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2
+    # At least 16 columns: a block holds whole 16-byte vectors (the forward groups lanes by vector).
+    block = max(16, min(triton.next_power_of_2(vocab), per_block, MAX_BLOCK_V))
+    # 8 warps over a 16 KiB block: 16-32 logits per thread, the fewest SASS instructions per logit
+    # of the configurations compared at sm_90 (see catdpo_kernels/bench/sass.py).
+    warps = 8 if block >= 2048 else 4 if block >= 512 else 2
     override = os.environ.get(ENV_OVERRIDE)
     if override:
         parsed = _parse_override(override)
         block = parsed.get("BLOCK_V", block)
         warps = parsed.get("num_warps", warps)
     return VocabLoopConfig(BLOCK_V=block, num_warps=warps)
+
+
+def interpreting() -> bool:
+    """Running under ``TRITON_INTERPRET=1`` (the kernels then keep their exact integer rounding)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def alignment_flags(x: torch.Tensor, other: torch.Tensor | None = None) -> tuple[bool, bool]:
+    """``(x is 16-byte aligned, other is too and its rows sit at the same 16-byte phase as x's)``.
+
+    The kernels split each row into a masked head, an aligned body and a masked
+    tail; the body's alignment hint is only given when it is true.
+    """
+    aligned = x.data_ptr() % 16 == 0
+    if other is None:
+        return aligned, False
+    vec = 16 // x.element_size()
+    same = (
+        aligned
+        and other.data_ptr() % 16 == 0
+        and other.element_size() == x.element_size()
+        and all((a - b) % vec == 0 for a, b in zip(x.stride()[:-1], other.stride()[:-1]))
+    )
+    return aligned, same
