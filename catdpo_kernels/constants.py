@@ -14,6 +14,7 @@ STAT_COLUMNS = (
     "margin_ok",
     "reward_margin_sum",
     "reward_acc",
+    "reward_tie",
 )
 NUM_STATS = len(STAT_COLUMNS)
 STAT_INDEX = {name: i for i, name in enumerate(STAT_COLUMNS)}

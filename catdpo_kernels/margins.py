@@ -196,7 +196,7 @@ class CategoryMargins:
         mode: ``absolute`` (``ε_c = target``) or ``relative`` (``ε_c`` = mean rate over active
             categories: keeps the mean margin, moves only the spread).
         signal: ``soft`` uses ``Σ σ(−β·h)`` (column ``unsafe_pref_sum``), ``hard`` uses
-            ``Σ 1[h ≤ 0]`` (``count − reward_acc``) as the per-category unsafe count.
+            ``Σ 1[h < 0] + ½·1[h = 0]`` (a tie counts half) as the per-category unsafe count.
         names: optional category names, used by ``log()``.
         sync: all-reduce stats (SUM) in ``update`` when ``torch.distributed`` is initialised.
         eps: floor of ``N_c`` in ``r_c = S_c / N_c``.
@@ -323,7 +323,8 @@ class CategoryMargins:
             else:
                 column, what = (
                     "reward_acc",
-                    f"{float(table.reward_acc[i]):g} (signal='hard': count - reward_acc unsafe)",
+                    f"{float(table.reward_acc[i]):g} with reward_tie = {float(table.reward_tie[i]):g} "
+                    "(signal='hard': count - reward_acc - reward_tie/2 unsafe)",
                 )
             raise ValueError(
                 f"stats column {column!r} = {what} is outside [0, count = {float(count[i]):g}] for category "

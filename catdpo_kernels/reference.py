@@ -77,7 +77,7 @@ def pair_loss(policy_logps, ref_logps, signs, delta, *, beta: float, family: str
 
 
 def pair_stat_values(loss: torch.Tensor, h: torch.Tensor, z: torch.Tensor, beta: float) -> torch.Tensor:
-    """The per-pair row ``(count, ℓ, σ(-βh), 1[z>0], βh, 1[h>0])`` of every pair: ``(B, K)`` fp32."""
+    """The per-pair row ``(count, ℓ, σ(-βh), 1[z>0], βh, 1[h>0], 1[h=0])`` of every pair: ``(B, K)`` fp32."""
     loss, h, z = loss.detach(), h.detach(), z.detach()
     cols = [
         torch.ones_like(loss),
@@ -86,6 +86,7 @@ def pair_stat_values(loss: torch.Tensor, h: torch.Tensor, z: torch.Tensor, beta:
         (z > 0).to(loss.dtype),
         beta * h,
         (h > 0).to(loss.dtype),
+        (h == 0).to(loss.dtype),
     ]
     return torch.stack(cols, dim=-1).float()
 

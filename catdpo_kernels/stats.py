@@ -14,6 +14,7 @@ Columns (``STAT_COLUMNS``), summed over the pairs of each row:
 ``margin_ok``             Σ 1[z > 0]
 ``reward_margin_sum``     Σ β·h
 ``reward_acc``            Σ 1[h > 0]
+``reward_tie``            Σ 1[h = 0]: ties, e.g. every pair while the policy still equals the reference
 ========================  =====================================================
 
 Row ``c < C`` holds the pairs of category ``c``; row ``C`` the pairs without one.
@@ -65,6 +66,7 @@ class CategoryStats:
     margin_ok = property(lambda self: self.column("margin_ok"))
     reward_margin_sum = property(lambda self: self.column("reward_margin_sum"))
     reward_acc = property(lambda self: self.column("reward_acc"))
+    reward_tie = property(lambda self: self.column("reward_tie"))
 
     @property
     def num_categories(self) -> int:
@@ -72,11 +74,17 @@ class CategoryStats:
 
     # ------------------------------------------------------------- derived
     def unsafe_count(self, signal: str = "soft") -> torch.Tensor:
-        """Per row: ``Σ σ(−β·h)`` (``soft``), or the pairs with ``h ≤ 0``, ``count − reward_acc`` (``hard``)."""
+        """Per row: ``Σ σ(−β·h)`` (``soft``), or ``Σ 1[h < 0] + ½·1[h = 0]`` (``hard``).
+
+        A tie (``h = 0``) is no evidence either way, so the hard count takes it as half unsafe:
+        the value ``σ(−β·0) = ½`` the soft signal gives it, and the usual convention for ties in
+        a pairwise accuracy. At the first step, where the policy is the reference, every pair is
+        a tie and both signals read ½.
+        """
         if signal == "soft":
             return self.unsafe_pref_sum
         if signal == "hard":
-            return self.count - self.reward_acc
+            return self.count - self.reward_acc - 0.5 * self.reward_tie
         raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
 
     def unsafe_rate(self, signal: str = "soft") -> torch.Tensor:

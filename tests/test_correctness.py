@@ -29,7 +29,10 @@ from _utils import (
 
 import catdpo_kernels
 from catdpo_kernels import LOSS_TYPES, REDUCTIONS
+from catdpo_kernels.constants import STAT_COLUMNS
 from catdpo_kernels.ops import sequence_logps_torch as slt
+
+K = len(STAT_COLUMNS)  # columns of the category stats table
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -109,7 +112,7 @@ def test_odd_shapes_and_dtypes(backend, shape, dtype):
     batch = batch_for(backend, B, T, V, 3, dtype, seed=B * 1000 + T * 10 + V)
     fused, grad, _, _ = check(batch, backend)
     assert fused.policy_logps.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert fused.category_stats.shape == (4, 6) and fused.category_stats[:, 0].sum() == B
+    assert fused.category_stats.shape == (4, K) and fused.category_stats[:, 0].sum() == B
     if V == 1:  # log_softmax of one logit is 0: no log-prob, no gradient
         assert torch.equal(fused.policy_logps, torch.zeros_like(fused.policy_logps))
         assert torch.equal(grad, torch.zeros_like(grad))
@@ -133,7 +136,7 @@ def test_every_loss_type_and_reduction(backend, loss_type, reduction, dtype):
     margin = 0.7 if loss_type == "safedpo" else 0.0
     fused, _, _, _ = check(batch, backend, beta=0.3, loss_type=loss_type, reduction=reduction, margin=margin)
     assert fused.loss.shape == ((3,) if reduction == "none" else ())
-    assert fused.category_stats.shape == (4, 6)
+    assert fused.category_stats.shape == (4, K)
 
 
 SHIFT_AVG = ["plain", "shift", "avg", "shift+avg"]
@@ -199,7 +202,7 @@ def test_multi_hot_categories(backend, with_unsafe, dtype):
         batch["margins"] = -batch["margins"]
     for reduction in ("mean", "category_mean"):
         fused, _, _, _ = check(batch, backend, reduction=reduction)
-    assert fused.category_stats.shape == (5, 6)
+    assert fused.category_stats.shape == (5, K)
     multi = batch["categories"].sum(-1)
     expected_count = torch.cat([batch["categories"].sum(0), (multi == 0).sum(0, keepdim=True)]).float()
     assert torch.equal(fused.category_stats[:, 0], expected_count.to(fused.category_stats.device))
@@ -212,7 +215,7 @@ def test_no_categories_plain_dpo(backend, dtype):
     batch = {**batch, "categories": None, "margins": None, "unsafe": None}
     for loss_type, margin in (("dpo", 0.0), ("ipo", 0.0), ("safedpo", 0.7)):
         fused, _, _, _ = check(batch, backend, loss_type=loss_type, margin=margin)
-        assert fused.category_stats.shape == (1, 6) and fused.category_stats[0, 0] == 3
+        assert fused.category_stats.shape == (1, K) and fused.category_stats[0, 0] == 3
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,9 @@ from _utils import (
 
 import catdpo_kernels
 from catdpo_kernels import LOSS_TYPES, REDUCTIONS, CatDPOLinearLoss, HeadMetrics
+from catdpo_kernels.constants import STAT_COLUMNS
+
+K = len(STAT_COLUMNS)  # columns of the category stats table
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -299,7 +302,7 @@ def test_every_loss_type_and_reduction(backend, loss_type, reduction, dtype, lay
     margin = 0.7 if loss_type == "safedpo" else 0.0
     fused, _ = check(batch, backend, beta=0.3, loss_type=loss_type, reduction=reduction, margin=margin)
     assert fused.out.loss.shape == ((3,) if reduction == "none" else ())
-    assert fused.out.category_stats.shape == (4, 6) and fused.out.category_stats[:, 0].sum() == 3
+    assert fused.out.category_stats.shape == (4, K) and fused.out.category_stats[:, 0].sum() == 3
     assert schedule_of(fused.out) == (TWO_PASS if reduction == "none" else ONE_PASS)
 
 
@@ -581,7 +584,7 @@ def test_given_ref_logps(backend, multi_hot):
     batch = head_batch(backend, 3, 4, 7, 37, 4, seed=5, multi_hot=multi_hot, ref="logps")
     fused, _ = check(batch, backend, reduction="category_mean")
     assert torch.equal(fused.out.ref_logps, batch["ref_logps"])
-    assert fused.out.category_stats.shape == (5, 6)
+    assert fused.out.category_stats.shape == (5, K)
 
 
 # ----------------------------------------------------------------- frozen head
@@ -731,7 +734,7 @@ def test_loss_output_unpacks_without_metrics(backend):
     loss, policy_logps, ref_logps, chosen, rejected, stats = out
     assert type(out).__name__ == "LossOutput" and len(out) == 6
     assert loss.shape == () and policy_logps.shape == ref_logps.shape == (4,)
-    assert chosen.shape == rejected.shape == (2,) and stats.shape == (4, 6)
+    assert chosen.shape == rejected.shape == (2,) and stats.shape == (4, K)
     result = catdpo_kernels.linear_loss(**kw, backend=backend, return_metrics=True)
     assert isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], HeadMetrics)
     for a, b in zip(result[0], out):

@@ -16,7 +16,7 @@ K = len(STAT_COLUMNS)
 COL = {name: i for i, name in enumerate(STAT_COLUMNS)}
 
 
-def table(count, unsafe=None, reward_acc=None, none_row=(5.0, 1.0)):
+def table(count, unsafe=None, reward_acc=None, reward_tie=None, none_row=(5.0, 1.0)):
     """A (C+1, K) stats table; only the columns the margins read matter, the rest is noise."""
     c = len(count)
     t = torch.rand(c + 1, K, generator=torch.Generator().manual_seed(c)) * 3
@@ -25,6 +25,7 @@ def table(count, unsafe=None, reward_acc=None, none_row=(5.0, 1.0)):
         t[:c, COL["unsafe_pref_sum"]] = torch.tensor(unsafe, dtype=torch.float32)
     if reward_acc is not None:
         t[:c, COL["reward_acc"]] = torch.tensor(reward_acc, dtype=torch.float32)
+    t[:c, COL["reward_tie"]] = torch.tensor(reward_tie or [0.0] * c, dtype=torch.float32)
     t[c, COL["count"]], t[c, COL["unsafe_pref_sum"]] = none_row
     return t
 
@@ -148,6 +149,14 @@ def test_hard_and_soft_signal():
     assert hard.value.tolist() == [f32(1.8), f32(1.1)]  # (n − Σ1[h>0]) / n
 
 
+def test_hard_signal_counts_a_tie_as_half():
+    # Category 0: 10 pairs, 2 with h > 0 and 4 ties: 4 + 4/2 = 6 unsafe. Category 1: all 10 tie.
+    stats = table([10, 10], unsafe=[5.0, 5.0], reward_acc=[2, 0], reward_tie=[4, 10])
+    hard = CategoryMargins(2, init=1.0, lr=1.0, target=0.0, ema=0.0, signal="hard")
+    hard.update(stats)
+    assert hard.value.tolist() == [f32(1.6), f32(1.5)]
+
+
 def test_a_c_by_k_table_without_the_none_row_also_works():
     a = CategoryMargins(2, ema=0.5)
     b = CategoryMargins(2, ema=0.5)
@@ -242,7 +251,7 @@ def test_update_rejects_impossible_hard_counts(reward_acc):
     # signal='hard': unsafe = count − reward_acc, so reward_acc must lie in [0, count] too.
     m = trained(signal="hard")
     before = snapshot(m)
-    with pytest.raises(ValueError, match=r"'reward_acc' = -?\d+ \(signal='hard'.* category 'cat0'"):
+    with pytest.raises(ValueError, match=r"'reward_acc' = -?\d+ with reward_tie = 0 \(signal='hard'.* category 'cat0'"):
         m.update(table([4, 4], unsafe=[0, 0], reward_acc=reward_acc))
     assert_same_state(m, before)
 

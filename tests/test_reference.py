@@ -24,6 +24,8 @@ from catdpo_kernels.functional import reduce
 from catdpo_kernels.loss_types import LOSS_TYPE_TABLE
 from catdpo_kernels.pairs import pair_signs
 
+K = len(STAT_COLUMNS)  # columns of the category stats table
+
 lp = math.log
 IGN = -100
 
@@ -202,7 +204,7 @@ def test_dpo_and_ipo_ignore_categories_and_flags(loss_type):
         **tiny(), categories=CATS, unsafe=UNSAFE, num_categories=2, beta=BETA, loss_type=loss_type, reduction="none"
     )
     assert torch.equal(base.loss, with_cats.loss)
-    assert base.category_stats.shape == (1, 6) and with_cats.category_stats.shape == (3, 6)
+    assert base.category_stats.shape == (1, K) and with_cats.category_stats.shape == (3, K)
     close(with_cats.category_stats[:, 0], [0, 1, 1])  # pair 0 in row 1, pair 1 (id -1) in row C = 2
 
 
@@ -367,20 +369,28 @@ def test_category_mean_without_categories_is_the_mean():
 def test_stats_table_by_hand():
     stats = catdpo_kernels.loss(**batch5()).category_stats
     assert stats.dtype == torch.float32 and stats.shape == (4, len(STAT_COLUMNS))
-    assert STAT_COLUMNS == ("count", "loss_sum", "unsafe_pref_sum", "margin_ok", "reward_margin_sum", "reward_acc")
+    assert STAT_COLUMNS[-2:] == ("reward_acc", "reward_tie")
     rows = {0: [0, 2], 1: [], 2: [1, 4], 3: [3]}
-    expected = torch.zeros(4, 6, dtype=torch.float64)
+    expected = torch.zeros(4, len(STAT_COLUMNS), dtype=torch.float64)
     for r, pairs in rows.items():
         for i in pairs:
             expected[r] += torch.tensor(
-                [1, L5[i], sigmoid(-BETA5 * H5[i]), float(Z5[i] > 0), BETA5 * H5[i], float(H5[i] > 0)],
+                [
+                    1,
+                    L5[i],
+                    sigmoid(-BETA5 * H5[i]),
+                    float(Z5[i] > 0),
+                    BETA5 * H5[i],
+                    float(H5[i] > 0),
+                    float(H5[i] == 0),
+                ],
                 dtype=torch.float64,
             )
     close(stats, expected, 1e-6)
     # Spelled out for row 0 = pairs 0 and 2: h = 1.5 and 0.2, z = 0.55 and -0.36.
     assert stats[0, 0] == 2 and stats[0, 3] == 1 and stats[0, 5] == 2
     assert stats[3].tolist()[0] == 1 and stats[3, 3] == 0 and stats[3, 5] == 0
-    assert torch.equal(stats[1], torch.zeros(6))
+    assert torch.equal(stats[1], torch.zeros(len(STAT_COLUMNS)))
 
 
 def test_unsafe_pref_sum_is_independent_of_the_margin():
@@ -420,11 +430,11 @@ def test_multi_hot_without_flags_has_s_one_for_any_category():
 
 def test_no_categories_all_pairs_in_row_c():
     stats = catdpo_kernels.loss(**batch5(categories=None, margins=None, loss_type="dpo")).category_stats
-    assert stats.shape == (1, 6)
+    assert stats.shape == (1, K)
     close(stats[0, 0], 5)
     close(stats[0, 1], sum(softplus(-BETA5 * h) for h in H5), 1e-6)
     stats = catdpo_kernels.loss(**batch5(categories=None, num_categories=3)).category_stats
-    assert stats.shape == (4, 6) and stats[3, 0] == 5 and stats[:3].abs().sum() == 0
+    assert stats.shape == (4, K) and stats[3, 0] == 5 and stats[:3].abs().sum() == 0
 
 
 def test_out_of_range_label_gives_nan_with_checks_off():

@@ -15,11 +15,11 @@ from catdpo_kernels.stats import StatsAccumulator, all_reduce_sum
 
 NAN = float("nan")
 # C = 2: category 0 has 4 pairs, category 1 none, the no-category row 2.
-#            count loss  unsafe_pref  margin_ok  reward_margin  reward_acc
+#            count loss  unsafe_pref  margin_ok  reward_margin  reward_acc  reward_tie
 TABLE = [
-    [4.0, 2.0, 1.5, 3.0, 0.8, 3.0],
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [2.0, 1.0, 0.5, 1.0, -0.2, 2.0],
+    [4.0, 2.0, 1.5, 3.0, 0.8, 2.0, 1.0],
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [2.0, 1.0, 0.5, 1.0, -0.2, 2.0, 0.0],
 ]
 
 
@@ -34,7 +34,15 @@ def same(actual: torch.Tensor, expected) -> None:
 
 
 def test_columns_by_name():
-    assert STAT_COLUMNS == ("count", "loss_sum", "unsafe_pref_sum", "margin_ok", "reward_margin_sum", "reward_acc")
+    assert STAT_COLUMNS == (
+        "count",
+        "loss_sum",
+        "unsafe_pref_sum",
+        "margin_ok",
+        "reward_margin_sum",
+        "reward_acc",
+        "reward_tie",
+    )
     s = CategoryStats(table())
     assert s.num_categories == 2
     for j, name in enumerate(STAT_COLUMNS):
@@ -48,9 +56,10 @@ def test_unsafe_count_and_rate_soft_and_hard():
     s = CategoryStats(table())
     same(s.unsafe_count("soft"), [1.5, 0.0, 0.5])  # Σ σ(−β·h)
     same(s.unsafe_count(), s.unsafe_count("soft"))
-    same(s.unsafe_count("hard"), [1.0, 0.0, 0.0])  # count − reward_acc: pairs with h ≤ 0
+    # Σ 1[h < 0] + ½·Σ 1[h = 0]: of category 0's 4 pairs, 2 have h > 0, 1 ties and 1 has h < 0.
+    same(s.unsafe_count("hard"), [1.5, 0.0, 0.0])
     same(s.unsafe_rate("soft"), [1.5 / 4, NAN, 0.5 / 2])  # an empty row has no rate
-    same(s.unsafe_rate("hard"), [1 / 4, NAN, 0.0])
+    same(s.unsafe_rate("hard"), [1.5 / 4, NAN, 0.0])
     with pytest.raises(ValueError, match="signal must be one of"):
         s.unsafe_rate("judge")
 
@@ -63,7 +72,7 @@ def test_mean_of_a_column():
 
 
 def test_sum_of_several_tables():
-    a, b = table(), table([[1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0]])
+    a, b = table(), table([[1, 1, 1, 1, 1, 1, 0], [2, 2, 2, 2, 2, 2, 0], [0, 0, 0, 0, 0, 0, 0]])
     total = CategoryStats.sum([a, CategoryStats(b), a])
     same(total.table, 2 * a + b)
     assert total.table.data_ptr() != a.data_ptr()
@@ -80,7 +89,7 @@ def test_to_dict_names_the_rows():
     assert d["no category"]["loss_sum"] == 1.0 and d["no category"]["reward_margin_sum"] == pytest.approx(-0.2)
     assert math.isnan(d["privacy"]["unsafe_rate"])
     assert all(isinstance(v, float) for entry in d.values() for v in entry.values())
-    assert CategoryStats(table()).to_dict(signal="hard")["category_0"]["unsafe_rate"] == 0.25
+    assert CategoryStats(table()).to_dict(signal="hard")["category_0"]["unsafe_rate"] == 1.5 / 4
     assert list(CategoryStats(table()).to_dict()) == ["category_0", "category_1", "no category"]
     with pytest.raises(ValueError, match="C = 2 entries"):
         CategoryStats(table()).to_dict(["only one"])
@@ -92,13 +101,13 @@ def test_bad_tables_are_refused():
     with pytest.raises(ValueError, match="shape"):
         CategoryStats(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="shape"):
-        CategoryStats(torch.zeros(0, 6))
+        CategoryStats(torch.zeros(0, len(STAT_COLUMNS)))
     with pytest.raises(ValueError, match="shape"):
-        CategoryStats(torch.zeros(6))
+        CategoryStats(torch.zeros(len(STAT_COLUMNS)))
     with pytest.raises(TypeError, match="floating-point"):
-        CategoryStats(torch.zeros(3, 6, dtype=torch.int64))
+        CategoryStats(torch.zeros(3, len(STAT_COLUMNS), dtype=torch.int64))
     with pytest.raises(TypeError, match="floating-point"):
-        CategoryStats(torch.zeros(3, 6, dtype=torch.complex64))
+        CategoryStats(torch.zeros(3, len(STAT_COLUMNS), dtype=torch.complex64))
     with pytest.raises(KeyError, match="unknown stats column 'accuracy'"):
         CategoryStats(table()).column("accuracy")
 
@@ -148,3 +157,19 @@ def test_reads_the_table_of_a_real_loss():
     assert torch.isnan(rate[~active]).all() and ((rate[active] >= 0) & (rate[active] <= 1)).all()
     per_pair = catdpo_kernels.loss(**batch, backend="torch", reduction="none").loss
     torch.testing.assert_close(s.loss_sum.sum(), per_pair.sum().float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_a_policy_equal_to_its_reference_ties_every_pair_and_reads_one_half(backend):
+    """At the first step the policy is the reference: h = 0 for every pair, no evidence either way,
+    so both signals read ½ (the hard one counts a tie as half unsafe)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    batch = make_batch(4, 5, 13, 2, seed=9)
+    batch["ref_logits"] = batch["policy_logits"].detach().clone()
+    s = CategoryStats(catdpo_kernels.loss(**batch, backend=backend).category_stats)
+    active = s.count > 0
+    same(s.reward_tie, s.count)
+    same(s.reward_acc, torch.zeros_like(s.count))
+    same(s.unsafe_rate("hard")[active], torch.full_like(s.count[active], 0.5))
+    same(s.unsafe_rate("soft")[active], torch.full_like(s.count[active], 0.5))

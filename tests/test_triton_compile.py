@@ -23,6 +23,7 @@ TARGETS = ((80, 32), (90, 32))
 def kernel_variants():
     """``(kernel name, signature, constexprs)`` for every launch the wrappers make."""
     from catdpo_kernels.bench.sass import logits_signatures
+    from catdpo_kernels.constants import STAT_COLUMNS
 
     out = []
     for dt, labels in itertools.product(("bf16", "fp16", "fp32"), ("i64", "i32")):
@@ -75,7 +76,7 @@ def kernel_variants():
             BLOCK_B="constexpr",
             BLOCK_C="constexpr",
         )
-        consts = dict(FAMILY=family, MULTI_HOT=multi_hot, NUM_STATS=6, BLOCK_B=128, BLOCK_C=32)
+        consts = dict(FAMILY=family, MULTI_HOT=multi_hot, NUM_STATS=len(STAT_COLUMNS), BLOCK_B=128, BLOCK_C=32)
         out.append(("pair_terms_kernel", sig, consts))
     out += head_variants()
     return out

@@ -95,3 +95,4 @@ def pair_terms_kernel(
     tl.store(row + 3, (z > 0).to(tl.float32), mask=live)
     tl.store(row + 4, bh, mask=live)
     tl.store(row + 5, (h > 0).to(tl.float32), mask=live)
+    tl.store(row + 6, (h == 0).to(tl.float32), mask=live)

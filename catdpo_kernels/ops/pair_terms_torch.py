@@ -57,9 +57,8 @@ def pair_terms_torch(policy_logps, ref_logps, pairs: PairInputs, *, beta: float,
     poison = torch.isnan(signs) | torch.isnan(delta)
     loss = torch.where(poison, float("nan"), loss)
     dldh = torch.where(poison, float("nan"), dldh)
-    values = torch.stack(
-        [torch.ones_like(loss), loss, torch.sigmoid(-beta * h), (z > 0).to(dtype), beta * h, (h > 0).to(dtype)], dim=-1
-    ).float()
+    columns = [torch.ones_like(loss), loss, torch.sigmoid(-beta * h), (z > 0).to(dtype), beta * h]
+    values = torch.stack([*columns, (h > 0).to(dtype), (h == 0).to(dtype)], dim=-1).float()
     if policy_logps.requires_grad:
         loss = _PairLoss.apply(policy_logps, loss, dldh)
     return loss, values

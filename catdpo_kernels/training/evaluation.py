@@ -1,10 +1,11 @@
 """Held-out evaluation per harm category.
 
-Per category: the unsafe-preference rate ``mean 1[h <= 0]`` (the ``hard`` unsafe
-rate of ``CategoryStats``), the soft rate ``mean sigmoid(-beta*h)`` (``soft``),
-the margin and the pair count. Aggregates over pairs (not categories, which a
-multi-hot pair can hold several of): the safe-vs-unsafe unsafe rate, the
-both-safe accuracy, the mean loss and the spread across categories.
+Per category: the unsafe-preference rate ``mean 1[h < 0] + ½·1[h = 0]`` (a tie,
+which every pair is before the first step, counts half: see ``report``), the soft
+rate ``mean sigmoid(-beta*h)`` (``soft``), the margin and the pair count.
+Aggregates over pairs (not categories, which a multi-hot pair can hold several
+of): the safe-vs-unsafe unsafe rate, the both-safe accuracy (a tie counts half),
+the mean loss and the spread across categories.
 
 The loss calls use the run criterion's options with ``reduction="none"``, under
 ``no_grad``, and never reach the step's statistics: evaluating does not move the
@@ -74,26 +75,27 @@ def _held_out_sums(policy, ref_model, split: Split, cfg, criterion, pad_id, devi
         batch = collate(split, idx, pad_id, device)
         out = batch_loss(head, policy, ref_model, batch, device, cfg, loss_fn, transform)
         tables.append(out.category_stats.double().cpu())
-        _add_pair_sums(pair_sums, out, batch["unsafe"].cpu(), len(idx))
+        bh = (out.chosen_rewards - out.rejected_rewards).double().cpu()
+        _add_pair_sums(pair_sums, out, bh, batch["unsafe"].cpu(), len(idx))
     return CategoryStats.sum(tables).all_reduce(), all_reduce_sum(pair_sums)
 
 
-def _add_pair_sums(pair_sums: torch.Tensor, out, unsafe: torch.Tensor, b: int) -> None:
-    """Add one batch's pair-level sums; a safe-vs-unsafe pair has ``s = h_l - h_w > 0``."""
-    bh = (out.chosen_rewards - out.rejected_rewards).double().cpu()
+def _add_pair_sums(pair_sums: torch.Tensor, out, bh: torch.Tensor, unsafe: torch.Tensor, b: int) -> None:
+    """Add one batch's pair-level sums; a safe-vs-unsafe pair has ``s = h_l - h_w > 0``; a tie counts half."""
     s = (unsafe[b:] - unsafe[:b]) > 0
+    half_tie = 0.5 * (bh == 0).double()
     pair_sums[0] += s.sum()
-    pair_sums[1] += ((bh <= 0) & s).sum()
+    pair_sums[1] += (((bh < 0).double() + half_tie) * s).sum()
     pair_sums[2] += (torch.sigmoid(-bh) * s).sum()
     pair_sums[3] += (~s).sum()
-    pair_sums[4] += ((bh > 0) & ~s).sum()
+    pair_sums[4] += (((bh > 0).double() + half_tie) * ~s).sum()
     pair_sums[5] += out.loss.double().sum().cpu()
 
 
 def _category_rows(stats: CategoryStats, names, margin_values: list[float], cfg: TrainConfig) -> list[dict]:
-    """One dict per category: name, count, unsafe_rate (hard), soft_unsafe (soft), margin."""
+    """One dict per category: name, count, unsafe_rate (ties half), soft_unsafe (soft), margin."""
     count = stats.count.tolist()
-    hard = stats.unsafe_rate("hard").tolist()
+    hard = stats.unsafe_rate("hard").tolist()  # a tie counts half
     soft = stats.unsafe_rate("soft").tolist()
     shows_margin = cfg.loss_type in ("catdpo", "safedpo")
     rows = []
