@@ -14,6 +14,7 @@ import pytest
 from catdpo_kernels.bench import cases, main, session
 from catdpo_kernels.bench.summary import main as summary_main
 from catdpo_kernels.bench.targets import annotate
+from catdpo_kernels.cpu_threads import THREAD_ENV
 
 
 def _run(tmp_path, capsys, *extra):
@@ -363,3 +364,58 @@ def test_head_gpu_targets_from_synthetic_rows():
     assert all(t["at_design_shape"] for t in ours["targets"])
     assert {t["id"]: t["compared_with"] for t in ours["targets"]}["time_vs_fastest_peer"] == "liger-dpo"
     assert rows[0]["targets"] == [] and rows[2]["targets"] == []
+
+
+# ------------------------------------------------------------ threads and the contention mode
+def test_threads_and_contention_are_recorded_and_undone(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from catdpo_kernels.bench import cpu_setup
+
+    started = []
+    real_start = cpu_setup.BusyProcesses.start
+
+    def start(self):
+        real_start(self)
+        started.append(self)
+        assert self.running == self.n  # the busy processes run while the rows are timed
+
+    monkeypatch.setattr(cpu_setup.BusyProcesses, "start", start)
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    rc, data, _, out = _run(tmp_path, capsys, "--threads", "1", "--contention", "1")
+    assert rc == 0
+    host = data["meta"]["host"]
+    assert host["threads"] == {"count": 1, "chosen_by": "--threads 1"}
+    assert host["contention"]["busy_processes"] == 1
+    assert data["meta"]["device"]["torch_threads"] == 1
+    assert any(n.startswith("contention mode: 1 busy process") for n in data["notes"])
+    assert "contention mode" in out
+    # Both stopped and restored when the sweep ends.
+    assert started and started[0].running == 0
+    assert torch.get_num_threads() == before
+
+
+def test_auto_threads_count_idle_cores_and_respect_the_environment(monkeypatch):
+    from catdpo_kernels.bench import cpu_setup
+
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_setup, "available_cores", lambda: 4)
+    monkeypatch.setattr(cpu_setup, "busy_cores", lambda: 1.2)
+    assert cpu_setup.choose_threads(None, 0) == (3, "auto: 4 cores, load 1.20")
+    # The contention mode's own busy processes count as busy cores.
+    assert cpu_setup.choose_threads(None, 2) == (1, "auto: 4 cores, load 1.20 + 2 busy processes")
+    assert cpu_setup.choose_threads(6, 2) == (6, "--threads 6")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_setup.choose_threads(None, 0) == (None, "OMP_NUM_THREADS=2 (environment)")
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--threads", "many"], ["--contention", "-1"]])
+def test_threads_and_contention_reject_bad_values(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cpu", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[0] in err

@@ -6,6 +6,7 @@ Examples::
     catdpo-bench --quick                          # the main shape only, fewer repeats
     catdpo-bench --shapes 8x512x32000 --dtypes fp32 --json out.json --markdown out.md --plot out.png
     catdpo-bench --copy-bandwidth --inplace       # GPU: bandwidth as % of a measured copy
+    catdpo-bench --contention 1                   # CPU: the same comparison with one core kept busy
     catdpo-bench --shapes 8x2048x128256 --backends reference,triton \\
         --triton-config default --triton-config BLOCK_V=4096,num_warps=8
 
@@ -135,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --head: only these rows (e.g. naive,ours-torch,trl-chunked); default all: naive, naive-compiled, "
         "ours-torch, ours-triton, naive-frozen, ours-<fused>-frozen, trl-chunked, liger-dpo, cce",
     )
+    cpu = p.add_argument_group("CPU runs")
+    cpu.add_argument(
+        "--threads",
+        default="auto",
+        metavar="N|auto",
+        help="torch intra-op threads (default auto: one per idle core, unless OMP_NUM_THREADS or MKL_NUM_THREADS "
+        "is set); the report records the count and what chose it",
+    )
+    cpu.add_argument(
+        "--contention",
+        type=int,
+        default=0,
+        metavar="N",
+        help="contention mode: N busy processes (one core each) run during the whole sweep, as another job on "
+        "a shared machine would; auto threads count them as busy cores",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -144,6 +161,14 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
+    from .cpu_setup import parse_threads
+
+    try:
+        args.threads = parse_threads(args.threads)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.contention < 0:
+        parser.error(f"--contention must be >= 0 busy processes, got {args.contention}")
     if args.head:
         from .head_cli import run as run_head
 
@@ -154,6 +179,7 @@ def main(argv=None) -> int:
 
     from . import anchors as A
     from . import cases as C
+    from .cpu_setup import contention_note, setup_cpu
     from .memory import OOM_ERRORS, release
     from .output import Output
     from .runner import Settings, blank_result, run_variant
@@ -202,7 +228,12 @@ def main(argv=None) -> int:
     anchor_variants = A.lm_head_variants(device) if run_anchors else []
 
     # ---------------------------------------------------------- report skeleton
+    try:
+        cpu_record, cpu_run = setup_cpu(args, device)
+    except ValueError as exc:
+        parser.error(str(exc))
     meta = start_meta(device)
+    meta["host"].update(cpu_record)
     timing_text = (
         f"triton.testing.do_bench (L2 flushed per run), warm-up {warmup_ms} ms, measuring {rep_ms} ms per mode; "
         "median with 20th/80th percentiles; inputs rotated when one set fits in 4x L2"
@@ -232,7 +263,13 @@ def main(argv=None) -> int:
                 "off"
                 if args.no_memory
                 else "peak above the allocation at entry, "
-                + ("CUDA allocator counters" if on_gpu else "replay of torch.profiler [memory] events")
+                + (
+                    "CUDA allocator counters"
+                    if on_gpu
+                    else "replay of torch.profiler [memory] events (the profiler sees one thread: while it "
+                    "records, the torch backend runs its blocks in the calling thread, one block holding as "
+                    "many logits as the worker threads' blocks together)"
+                )
             ),
             "anchors": {"enabled": run_anchors, "hidden_dim": anchor_dim if run_anchors else None},
         },
@@ -251,13 +288,15 @@ def main(argv=None) -> int:
         notes.append("anchors (Liger-Kernel, Cut Cross-Entropy) need CUDA: not run on CPU")
     if not on_gpu:
         notes.append(load_note(meta))
+        if contention_note(cpu_record):
+            notes.append(contention_note(cpu_record))
 
     def annotate_rows() -> None:
         annotate(report["results"], device_type=device.type, copy_gbps=(report["copy_bandwidth"] or {}).get("GBps"))
 
     output = Output(report, args, annotate=annotate_rows)
     total = len(shapes) * len(dtypes) * (len(variants) + len(anchor_variants))
-    with Sweep(report, output, total=total, no_progress=args.no_progress) as sweep:
+    with Sweep(report, output, total=total, no_progress=args.no_progress, cpu_run=cpu_run) as sweep:
         progress = sweep.progress
         if args.copy_gbps:
             report["copy_bandwidth"] = {"GBps": args.copy_gbps, "method": "given with --copy-gbps"}

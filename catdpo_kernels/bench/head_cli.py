@@ -30,6 +30,7 @@ def run(args, parser, argv_list: list[str]) -> int:
     from . import head_cases as H
     from . import head_targets as HT
     from .cases import dtype_name, parse_dtypes, parse_modes, split_list
+    from .cpu_setup import contention_note, setup_cpu
     from .head_runner import HeadSettings, blank_result, prepare, time_rounds
     from .memory import OOM_ERRORS, release
     from .output import Output
@@ -71,7 +72,12 @@ def run(args, parser, argv_list: list[str]) -> int:
     settings = HeadSettings(device=device, repeats=repeats, modes=modes, memory=not args.no_memory)
     group = "head-scaling" if args.scaling else "head"
 
+    try:
+        cpu_record, cpu_run = setup_cpu(args, device)
+    except ValueError as exc:
+        parser.error(str(exc))
     meta = start_meta(device)
+    meta["host"].update(cpu_record)
     budget = HT.budget_bytes(device.type)
     report = {
         "meta": meta,
@@ -126,6 +132,8 @@ def run(args, parser, argv_list: list[str]) -> int:
     )
     if not on_gpu:
         notes.append(load_note(meta))
+        if contention_note(cpu_record):
+            notes.append(contention_note(cpu_record))
 
     def annotate_rows() -> None:
         HT.annotate(report["results"], device_type=device.type, gemm=report["gemm"])
@@ -137,7 +145,7 @@ def run(args, parser, argv_list: list[str]) -> int:
 
     output = Output(report, args, annotate=annotate_rows, tag=group)
     total = len(shapes) * len(dtypes) * len(variants)
-    with Sweep(report, output, total=total, no_progress=args.no_progress, closing=closing) as sweep:
+    with Sweep(report, output, total=total, no_progress=args.no_progress, closing=closing, cpu_run=cpu_run) as sweep:
         progress = sweep.progress
         for shape in shapes:
             for dtype in dtypes:

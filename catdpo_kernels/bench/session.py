@@ -65,8 +65,8 @@ class Sweep:
     ``output`` writes it a last time; any other exception then goes on.
     """
 
-    def __init__(self, report: dict, output, *, total: int, no_progress: bool, closing=None):
-        self.report, self.output, self.closing = report, output, closing
+    def __init__(self, report: dict, output, *, total: int, no_progress: bool, closing=None, cpu_run=None):
+        self.report, self.output, self.closing, self.cpu_run = report, output, closing, cpu_run
         self.total, self.no_progress = total, no_progress
         self.status = 0
 
@@ -87,6 +87,8 @@ class Sweep:
             self.status = 130
         self.progress.close()
         signal.signal(signal.SIGTERM, self._previous)
+        if self.cpu_run is not None:  # busy processes stopped, thread count restored
+            self.cpu_run.close()
         meta = self.report["meta"]
         meta["host"]["loadavg_end"] = loadavg()
         meta["extension"] = extension_info()

@@ -4,8 +4,9 @@ Only one block of at most ``CHUNK_ELEMENTS`` logits is ever upcast to fp32, so
 peak memory does not grow with ``(2B, T, V)``. The forward runs one fused
 ``log_softmax`` per block; the backward recomputes the block's softmax the same
 way and writes ``g_seq · mask · (onehot − softmax)`` straight into the gradient
-(or, with ``inplace_backward``, into the logits buffer). Few, large ops per
-block keep the CPU path fast even when its cores are shared.
+(or, with ``inplace_backward``, into the logits buffer). On a CPU the blocks are
+spread over worker threads, one intra-op thread each (``cpu_parallel``), which
+keeps the path fast when another process holds one of the cores.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .cpu_parallel import block_workers, for_each_block
 from .first_order import first_order
 
 
@@ -46,6 +48,14 @@ def token_blocks(rows: int, tokens: int, vocab: int, budget: int | None = None) 
         for r in range(rows):
             for t in range(0, tokens, per_block):
                 yield slice(r, r + 1), slice(t, min(t + per_block, tokens))
+
+
+def _run_blocks(fn, rows: int, tokens: int, vocab: int, device: torch.device) -> None:
+    """``fn(rows slice, tokens slice)`` over the grid; on a CPU, blocks of ``1 / workers`` of the budget
+    spread over the workers (``cpu_parallel``), so that the blocks in flight hold one budget together."""
+    workers = block_workers(device)
+    budget = max(1, CHUNK_ELEMENTS // workers)
+    for_each_block(fn, list(token_blocks(rows, tokens, vocab, budget)), workers)
 
 
 def _aligned(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool):
@@ -82,10 +92,12 @@ def forward_logps(
     acc = compute_dtype(logits.dtype)
     mask, safe, bad = _targets(y_all, ignore_index, vocab)
     tok_all = torch.empty(rows, tokens, device=logits.device, dtype=acc)
-    for rs, ts in token_blocks(rows, tokens, vocab):
+
+    def block(rs, ts):
         logp = torch.log_softmax(x_all[rs, ts], dim=-1, dtype=acc)
         tok_all[rs, ts] = logp.gather(-1, safe[rs, ts].unsqueeze(-1)).squeeze(-1)
-        del logp
+
+    _run_blocks(block, rows, tokens, vocab, logits.device)
     tok_all = torch.where(mask, tok_all, torch.zeros((), dtype=acc, device=logits.device))
     sums = tok_all.sum(-1)
     # A label outside [0, V) that is not ignore_index poisons its sequence.
@@ -119,7 +131,8 @@ def backward_logits(
     # where, not a product: a NaN g_seq must still leave ignored tokens at exactly 0.
     g_tok_all = torch.where(mask, g_seq.unsqueeze(1), torch.zeros((), dtype=acc, device=g_seq.device))
     direct = out.dtype == acc  # fp32/fp64 gradients are written in place, no staging buffer
-    for rs, ts in token_blocks(rows, tokens, vocab):
+
+    def block(rs, ts):
         g_tok = g_tok_all[rs, ts].unsqueeze(-1)
         p = torch.softmax(x_all[rs, ts], dim=-1, dtype=acc)
         # An ignored token's gradient is exactly 0 whatever its logits hold (NaN·0 would be NaN).
@@ -134,7 +147,8 @@ def backward_logits(
         target.scatter_add_(-1, safe[rs, ts].unsqueeze(-1), g_tok)
         if not direct:
             dest.copy_(p)
-        del p
+
+    _run_blocks(block, rows, tokens, vocab, logits.device)
     if shift_labels:
         out[:, -1].zero_()
     return out
