@@ -32,7 +32,6 @@ import json
 import math
 import numbers
 import os
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .categories import PKU_SAFERLHF_CATEGORIES
+from .hub_names import looks_like_hub_name
 
 IGNORE_INDEX = -100
 
@@ -223,23 +223,6 @@ class _Unparsable:
         self.reason = reason
 
 
-# A file extension: a dot and a letter-led suffix (``.jsonl``, ``.csv``, ``.gz``); ``2.5`` in a
-# hub name such as ``teknium/OpenHermes-2.5`` is a version, not an extension.
-_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,9}$")
-
-
-def _looks_like_hub_name(text: str) -> bool:
-    """A bare ``owner/name``: one ``/``, nothing path-like around it."""
-    parts = text.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not text.startswith((".", "~"))
-        and "\\" not in text
-        and not _EXTENSION.search(parts[1])
-    )
-
-
 def _resolve_source(source: str | os.PathLike, split: str) -> tuple[str, Path | None]:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path or a hub data set name, got {type(source).__name__}")
@@ -257,7 +240,7 @@ def _resolve_source(source: str | os.PathLike, split: str) -> tuple[str, Path | 
         return str(path), path
     # Only a str can name a hub data set; a mistyped local path must fail here and now, not
     # after a hub lookup that ends ~30 s later in a ConnectionError.
-    if not isinstance(source, str) or not _looks_like_hub_name(source):
+    if not isinstance(source, str) or not looks_like_hub_name(source):
         raise FileNotFoundError(
             f"no such data file or directory: {source} (a hub data set is named owner/name, e.g. "
             "PKU-Alignment/PKU-SafeRLHF)"

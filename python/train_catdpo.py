@@ -11,7 +11,9 @@ the installed package can run it too.
     torchrun --nproc_per_node=2 python/train_catdpo.py # DDP (gloo on CPU, nccl on GPU)
     python python/train_catdpo.py data                 # the data set's SafeDPO transform and category counts
 
-Run with ``--help`` for every option.
+Running the same command again resumes the run from its last complete checkpoint, or, once it
+has finished, reports that and exits 0; ``--overwrite`` starts again. Run with ``--help`` for
+every option.
 """
 
 import sys

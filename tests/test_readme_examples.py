@@ -93,3 +93,32 @@ def test_readme_quick_start_runs_as_written():
     expected = naive_loss(model, ref_model, data, ck.CategoryMargins.for_pku_saferlhf().value)
     torch.testing.assert_close(out.loss.double(), expected.loss, rtol=1e-5, atol=1e-6)
     assert out.category_stats.shape == (C + 1, len(ck.STAT_COLUMNS))
+
+
+def _documented_parameters(call: str) -> list[str]:
+    """Parameter names of a README signature such as ``f(a, b=1, *, c=None) -> X``."""
+    inside = call[call.index("(") + 1 : call.rindex(")")]
+    names = []
+    for part in re.split(r",\s*", inside.replace("\n", " ")):
+        name = part.strip().split("=")[0].strip()
+        if name and name not in ("*", "..."):
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("pattern", "target"),
+    [
+        (r"^catdpo_kernels\.loss\(\n(.*?)\) -> LossOutput", ck.loss),
+        (r"`CategoryMargins\((.*?)\)` runs", ck.CategoryMargins.__init__),
+    ],
+)
+def test_readme_signatures_are_the_real_ones(pattern, target):
+    import inspect
+
+    text = README.read_text(encoding="utf-8")
+    match = re.search(pattern, text, re.S | re.M)
+    assert match, pattern
+    documented = _documented_parameters("(" + match.group(1) + ")")
+    real = [p for p in inspect.signature(target).parameters if p != "self"]
+    assert documented == real

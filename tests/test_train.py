@@ -12,25 +12,10 @@ import sys
 import pytest
 import torch
 from _utils import tiny_llama
+from tiny_training import TINY
 
 from catdpo_kernels import data as D
 from catdpo_kernels.training import TrainConfig, compare, train
-
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=2,
-    max_train_pairs=96,
-    max_eval_pairs=40,
-    batch_size=8,
-    eval_every=0,
-    progress=False,
-    plot=False,
-    quiet=True,
-    max_length=96,
-    device="cpu",
-)
 
 
 def _records(out_dir, kind="train"):
@@ -94,19 +79,25 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
     assert resumed["margins"] == pytest.approx(full["margins"], rel=1e-6, abs=1e-7)
     soft_unsafe = full["eval"]["aggregate"]["soft_unsafe"]
     assert resumed["eval"]["aggregate"]["soft_unsafe"] == pytest.approx(soft_unsafe, rel=1e-5)
-    # a checkpoint refuses to resume a run with other trajectory-defining options
-    with pytest.raises(ValueError, match="other options"):
+    # a run with other trajectory-defining options refuses the directory of this one
+    with pytest.raises(ValueError, match=r"holds another run \(--lr 0.001 -> 0.5\)"):
         train(dataclasses.replace(part, max_steps=4, resume="auto", lr=0.5))
 
 
-def test_compare_prints_one_table(tmp_path, capsys):
-    cfg = TrainConfig(**dict(TINY, max_train_pairs=48, max_eval_pairs=24), max_steps=2, output_dir=str(tmp_path))
+def test_compare_prints_one_concise_table_and_one_figure(tmp_path, capsys):
+    tiny = dict(TINY, max_train_pairs=48, max_eval_pairs=24, quiet=False, plot=True)
+    cfg = TrainConfig(**tiny, max_steps=2, output_dir=str(tmp_path))
     res = compare(cfg)
     assert set(res["results"]) == {"dpo", "safedpo", "catdpo"}
     out = capsys.readouterr().out
     header = [ln for ln in out.splitlines() if "dpo" in ln and "catdpo" in ln and "safedpo" in ln]
     assert header, out
-    assert "best-to-worst gap" in out and "catdpo final margins" in out
+    assert "best-to-worst gap" in out and "catdpo margin" in out
+    # one line per run, the table, the figure: the per-run detail goes to each run's train.log
+    assert len(out.splitlines()) < 50, out
+    assert "Disrupting Public Order (" in out and "Disrupti." not in out  # full category names
+    assert "[train]" not in out and "[train]" in (tmp_path / "catdpo" / "train.log").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert (tmp_path / "compare_table.txt").read_text().strip() == res["table"].strip()
     # the dpo and safedpo runs never move their (tracker) margins; catdpo does
     assert set(res["results"]["dpo"]["margins"]) == {0.0}
@@ -202,6 +193,19 @@ def test_ddp_two_processes_identical_margins(tmp_path):
     assert rank0 != [0.5] * 19, "the margins moved"
     assert proc.stdout.count("Held-out results") == 1, "only rank 0 prints"
     assert len(_records(out)) == 2
+    # Two ranks of 8 pairs see the pairs one process with batches of 16 sees, step for step
+    # (the README's torchrun note): the same losses and margins up to summation order.
+    single = tmp_path / "single"
+    argv = cmd[cmd.index("train") :]
+    argv[argv.index("--batch-size") + 1] = "16"
+    argv[argv.index("--output-dir") + 1] = str(single)
+    proc = subprocess.run(
+        [sys.executable, "-m", "catdpo_kernels.training", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for ddp_step, one_step in zip(_records(out), _records(single), strict=True):
+        assert ddp_step["loss"] == pytest.approx(one_step["loss"], rel=1e-5)
+        assert list(ddp_step["margin"].values()) == pytest.approx(list(one_step["margin"].values()), rel=1e-5)
 
 
 def test_catdpo_trainer_two_steps(tmp_path):

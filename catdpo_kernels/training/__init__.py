@@ -9,9 +9,16 @@ Defaults (no argument at all): the bundled PKU-SafeRLHF-schema sample, a
 word-level tokenizer trained on it at start-up (no download), a tiny randomly
 initialised Llama (hidden 64, 2 layers), CPU.
 
+Running the same job again (same options, same ``output_dir``) resumes it from
+its last complete checkpoint, or, once it has finished, reports it and trains
+nothing; ``overwrite=True`` starts again. A user mistake raises
+``validate.UsageError`` (the command line prints it as one ``error:`` line).
+
 Modules, one job each:
 
 * ``config``: ``TrainConfig`` and the command-line options generated from it;
+* ``validate``: the checks of the options, the paths and the device, before any heavy work;
+* ``rundir``: the output directory: run id and fingerprint, complete checkpoints, what a rerun does;
 * ``distributed``: process group, rank, device;
 * ``batches``: the train/held-out splits, the step schedule, collation;
 * ``model``: the policy, the tokenizer, the frozen reference, the forward;
@@ -19,8 +26,9 @@ Modules, one job each:
 * ``job``: everything one run holds, built (or restored) in one place;
 * ``loop``: the optimiser steps, ``train`` and ``compare``;
 * ``evaluation``: the held-out per-category evaluation;
-* ``report``: ``metrics.jsonl``, the tables, the progress bar, the plot;
-* ``checkpoint``: save, resume, RNG state;
+* ``report``: ``metrics.jsonl``, ``train.log``, the tables, the progress bar;
+* ``plots``: ``margins.png`` and ``compare.png``;
+* ``checkpoint``: atomic saves, resume, RNG state;
 * ``cli``: ``catdpo-train``.
 """
 

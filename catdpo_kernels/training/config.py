@@ -4,17 +4,24 @@ Each field is also a command-line option: ``--field-name`` (dashes for
 underscores), its type from the annotation, its default from the field, and its
 help text and choices from the field's metadata. A ``bool`` field that defaults
 to ``False`` is a ``--flag``; one that defaults to ``True`` is a ``--no-flag``.
+
+This module imports neither torch nor the data layer: ``catdpo-train --help``
+builds its parser from it and must answer at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import typing
 from dataclasses import dataclass, field
 
 from ..constants import LOSS_TYPES
-from ..data import PREFERENCE_KEYS
 
+# A copy of ``catdpo_kernels.data.PREFERENCE_KEYS``: importing ``data`` imports torch (through
+# ``categories``), which ``--help`` must not pay for. tests/test_training_cli.py keeps them equal.
+PREFERENCE_KEYS = ("better_response_id", "safer_response_id")
 COMPARE_LOSS_TYPES = ("dpo", "safedpo", "catdpo")
 BACKEND_CHOICES = ("auto", "triton", "torch", "reference")
 HEAD_CHOICES = ("fused", "logits")
@@ -56,24 +63,24 @@ class TrainConfig:
     preference_key: str = option(
         "better_response_id", "which preference picks the winner before the SafeDPO transform", choices=PREFERENCE_KEYS
     )
-    max_train_pairs: int | None = option(None)
-    max_eval_pairs: int | None = option(None)
-    max_length: int = option(256)
-    max_prompt_length: int = option(128)
+    max_train_pairs: int | None = option(None, "use at most this many training pairs (default: all)")
+    max_eval_pairs: int | None = option(None, "use at most this many held-out pairs (default: all)")
+    max_length: int = option(256, "tokens of prompt + response; a longer response is cut")
+    max_prompt_length: int = option(128, "prompt tokens (the end of a longer prompt is kept)")
     hidden_size: int = option(64, TINY)
     num_layers: int = option(2, TINY)
     num_heads: int = option(4, TINY)
     intermediate_size: int = option(128, TINY)
     # loss
-    loss_type: str = option("catdpo", choices=LOSS_TYPES)
-    backend: str = option("auto", choices=BACKEND_CHOICES)
+    loss_type: str = option("catdpo", "the preference loss", choices=LOSS_TYPES)
+    backend: str = option("auto", "loss kernels: auto is triton on CUDA, torch on the CPU", choices=BACKEND_CHOICES)
     head: str = option(
         "fused",
         "fused: the loss from the last hidden states and the output embedding, never building the logits; "
         "logits: from the model's full logits (models the fused head cannot run fall back to it)",
         choices=HEAD_CHOICES,
     )
-    beta: float = option(0.1)
+    beta: float = option(0.1, "DPO's inverse temperature: z = beta*h - s*margin")
     safedpo_margin: float = option(0.5, "SafeDPO's global margin")
     average_log_prob: bool = option(False)
     reduction: str = option("mean", choices=("mean", "sum", "category_mean"))
@@ -92,26 +99,42 @@ class TrainConfig:
     margin_mode: str = option("absolute", choices=("absolute", "relative"))
     margin_signal: str = option("soft", choices=("soft", "hard"))
     # optimisation
-    epochs: int = option(3)
+    epochs: int = option(3, "passes over the training pairs")
     max_steps: int | None = option(None, "optimiser steps (overrides --epochs)")
     batch_size: int = option(16, "pairs per micro-batch per rank")
     grad_accum: int = option(1)
     lr: float = option(1e-3)
     weight_decay: float = option(0.0)
     warmup_steps: int = option(0)
-    max_grad_norm: float = option(1.0)
+    max_grad_norm: float = option(1.0, "gradient-norm clipping (0: no clipping)")
     precompute_ref: bool = option(False, "compute the reference log-probs once up front and drop the reference model")
     bf16: str = option("auto", "bf16 autocast (auto: on CUDA)", choices=ON_OFF)
-    device: str = option("auto", "auto, cpu or cuda")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    threads: int | None = option(
+        None,
+        "intra-op CPU threads (default: OMP_NUM_THREADS / MKL_NUM_THREADS if set, else one per idle core; "
+        "train() called from Python leaves torch's setting alone)",
+    )
     seed: int = option(0)
     # bookkeeping
-    output_dir: str = option("outputs/catdpo-train")
-    eval_every: int = option(10, "held-out evaluation every N steps")
-    save_every: int = option(0, "checkpoint every N steps (0: at the end)")
-    resume: str | None = option(None, "a checkpoint-* directory, or 'auto' for the latest in --output-dir")
-    progress: bool = option(True)
-    plot: bool = option(True)
-    quiet: bool = option(False)
+    output_dir: str | None = option(
+        None, "where the run writes (default: outputs/catdpo-train; with --compare outputs/catdpo-compare)"
+    )
+    eval_every: int = option(10, "held-out evaluation every N steps (0: at the end only)")
+    save_every: int = option(0, "checkpoint every N steps (0: at the end only)")
+    resume: str | None = option(
+        "auto",
+        "auto (default): continue this run from its newest complete checkpoint in --output-dir, or report "
+        "that it has finished; a checkpoint-* directory; or 'no'",
+    )
+    overwrite: bool = option(
+        False,
+        "start again although --output-dir holds another run (or other files): that run's outputs are removed "
+        "(only files catdpo-train writes)",
+    )
+    progress: bool = option(True, "hide the progress bar")
+    plot: bool = option(True, "skip margins.png (and compare.png)")
+    quiet: bool = option(False, "print warnings and errors only (train.log keeps everything)")
 
 
 # The first field of each argument group of ``--help``.
@@ -139,6 +162,8 @@ RESUME_FREE = frozenset(
         "head",
         "device",
         "bf16",
+        "threads",
+        "overwrite",
     }
 )
 
@@ -149,14 +174,22 @@ def _base_type(hint):
     return args[0] if args else hint
 
 
+def _help(f: dataclasses.Field) -> str | None:
+    """The field's help text, with its default where the text does not give one already."""
+    text = f.metadata.get("help") or ""
+    if f.default is None or isinstance(f.default, bool) or "default" in text:
+        return text or None
+    return f"{text} (default: {f.default})".strip()
+
+
 def add_arguments(parser) -> None:
-    """The ``catdpo-train`` options, one per ``TrainConfig`` field, plus ``--compare``."""
+    """The ``catdpo-train`` options, one per ``TrainConfig`` field, plus ``--compare`` and ``--debug``."""
     hints = typing.get_type_hints(TrainConfig)
     group = parser
     for f in dataclasses.fields(TrainConfig):
         if f.name in GROUPS:
             group = parser.add_argument_group(GROUPS[f.name])
-        kwargs = dict(f.metadata.get("argparse", {}), help=f.metadata.get("help"))
+        kwargs = dict(f.metadata.get("argparse", {}), help=_help(f))
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
         if kind is bool and f.default:
@@ -165,7 +198,12 @@ def add_arguments(parser) -> None:
             group.add_argument(flag, action="store_true", **kwargs)
         else:
             group.add_argument(flag, type=kind, default=f.default, **kwargs)
-    group.add_argument("--compare", action="store_true", help="run dpo, safedpo and catdpo and print one table")
+    group.add_argument(
+        "--compare",
+        action="store_true",
+        help="train dpo, safedpo and catdpo with one seed and data; print one table, write compare.png",
+    )
+    group.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def config_from_args(ns) -> TrainConfig:
@@ -174,16 +212,23 @@ def config_from_args(ns) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Reject option values the loop would only trip over later."""
-    if cfg.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-    if cfg.bf16 not in ON_OFF:
-        raise ValueError(f"bf16 must be auto, on or off, got {cfg.bf16!r}")
-    if cfg.head not in HEAD_CHOICES:
-        raise ValueError(f"head must be one of {HEAD_CHOICES}, got {cfg.head!r}")
-    if cfg.inplace_backward and cfg.head != "logits":
-        raise ValueError("--inplace-backward applies to --head logits (the fused head never builds logits)")
-    for name in ("batch_size", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1")
+def trajectory_options(cfg: TrainConfig | dict) -> dict:
+    """The options that decide a run's results (all but ``RESUME_FREE``: not the step count, not the outputs)."""
+    values = dataclasses.asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
+    return {k: v for k, v in sorted(values.items()) if k not in RESUME_FREE}
+
+
+def fingerprint(cfg: TrainConfig | dict) -> str:
+    """A short hash of ``trajectory_options``: two runs with one fingerprint train the same way.
+
+    (The data's content is checked apart, by a digest of the loaded pairs.)
+    """
+    text = json.dumps(trajectory_options(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def option_diff(old: dict, new: dict) -> str:
+    """``--lr 0.001 -> 0.5, --seed 0 -> 1``: the trajectory options that differ between two configs."""
+    a, b = trajectory_options(old), trajectory_options(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"--{k.replace('_', '-')} {a.get(k)!r} -> {b.get(k)!r}" for k in keys)

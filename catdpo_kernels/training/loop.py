@@ -8,9 +8,11 @@ One optimiser step:
 * after the optimiser step, ``criterion.update_margins()`` feeds that sum to the
   margins once; it all-reduces it across ranks, so every rank holds the same margins.
 
-Outputs under ``output_dir``: ``metrics.jsonl`` (one line per optimiser step, plus
-the held-out evaluations), ``eval.json`` and ``eval_table.txt`` (the final
-per-category table), ``margins.png``, ``summary.json`` and ``checkpoint-*/``.
+Outputs under ``output_dir``: ``run.json`` (written first: run id, fingerprint,
+status; see ``rundir``), ``metrics.jsonl`` (one line per optimiser step, plus the
+held-out evaluations), ``train.log`` (everything the run printed), ``eval.json``
+and ``eval_table.txt`` (the final per-category table), ``margins.png``,
+``summary.json`` and ``checkpoint-*/``.
 """
 
 from __future__ import annotations
@@ -23,46 +25,106 @@ from pathlib import Path
 
 import torch
 
+from ..cpu_threads import thread_count
 from . import distributed
 from .batches import collate, step_schedule, steps_per_epoch
 from .checkpoint import save_checkpoint
-from .config import COMPARE_LOSS_TYPES, TrainConfig, check_config
+from .config import COMPARE_LOSS_TYPES, TrainConfig
 from .criterion import stop_input_checks
 from .evaluation import evaluate
 from .job import Job, build_job
 from .model import batch_loss
-from .report import MetricsLog, format_compare_table, format_eval_table, plot_history, progress_postfix
+from .report import (
+    MetricsLog,
+    format_compare_table,
+    format_eval_table,
+    progress_postfix,
+    report_finished,
+    truncate_metrics,
+)
+from .rundir import RunPlan, claim, claim_compare, mark_finished, plan_compare, plan_run, release, write_json_atomic
+from .validate import UsageError, validate
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run one training job; returns a summary dict (also written to ``summary.json`` on rank 0)."""
-    check_config(cfg)
-    with distributed.session(cfg.device):
+    """Run one training job; returns a summary dict (also written to ``summary.json`` on rank 0).
+
+    A run already finished in ``cfg.output_dir`` is reported, not run again (``already_finished``
+    in the summary); an unfinished one is resumed (``resume="auto"``, the default).
+    Raises ``UsageError`` for a user mistake.
+    """
+    cfg = validate(cfg)
+    with thread_count(cfg.threads), distributed.session(cfg.device):
         return _train(cfg)
 
 
 def compare(cfg: TrainConfig, loss_types=COMPARE_LOSS_TYPES) -> dict:
-    """Train ``dpo``, ``safedpo`` and ``catdpo`` with one seed and data; print one side-by-side table."""
-    with distributed.session(cfg.device):
-        results = {}
-        for lt in loss_types:
-            sub = dataclasses.replace(cfg, loss_type=lt, output_dir=str(Path(cfg.output_dir) / lt), resume=None)
-            check_config(sub)
-            results[lt] = _train(sub)
-        table = format_compare_table(results)
+    """Train ``dpo``, ``safedpo`` and ``catdpo`` with one seed and data; print one table, write ``compare.png``.
+
+    Each run writes its detail (data report, set-up, its own table) to ``<output_dir>/<loss>/train.log``;
+    the console gets one line per run, the side-by-side table and the figure's path.
+    """
+    cfg = validate(cfg, compare=True)
+    plan_compare(cfg)
+    with thread_count(cfg.threads), distributed.session(cfg.device):
         rank, _ = distributed.rank_world()
+        say = print if rank == 0 and not cfg.quiet else (lambda *a, **k: None)
         if rank == 0:
-            print("\n" + table, flush=True)
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            claim_compare(cfg, loss_types)
+        subs = {
+            lt: dataclasses.replace(cfg, loss_type=lt, output_dir=str(Path(cfg.output_dir) / lt)) for lt in loss_types
+        }
+        for sub in subs.values():
+            plan_run(sub)  # a refusal (another run in a sub-directory, say) before any training
+        results = {}
+        for lt, sub in subs.items():
+            results[lt] = _train(sub, console=False)
+            say(_compare_line(lt, results[lt], Path(sub.output_dir)), flush=True)
+        table = format_compare_table(results)
+        out = dict(results=results, table=table)
+        if rank == 0:
             (Path(cfg.output_dir) / "compare_table.txt").write_text(table + "\n", encoding="utf-8")
-        return dict(results=results, table=table)
+            say("\n" + table, flush=True)
+            if cfg.plot:
+                from .plots import plot_compare
+
+                out["plot"] = str(plot_compare(results, Path(cfg.output_dir) / "compare.png"))
+                say(f"figure: {out['plot']}", flush=True)
+        return out
 
 
-def _train(cfg: TrainConfig) -> dict:
-    job = build_job(cfg)
-    if job.is_main:
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(job.out_dir / "metrics.jsonl" if job.is_main else None, append=job.resumed)
+def _compare_line(loss_type: str, summary: dict, out_dir: Path) -> str:
+    agg = summary["eval"]["aggregate"]
+    done = "already finished, " if summary.get("already_finished") else ""
+    return (
+        f"{loss_type}: {done}{summary['steps']} steps in {summary['train_seconds']:.1f}s, held-out unsafe rate "
+        f"{agg['unsafe_rate']:.3f}, category gap {agg['category_gap']:.3f} (detail: {out_dir / 'train.log'})"
+    )
+
+
+def _plan(cfg: TrainConfig) -> RunPlan:
+    """Every rank reads the plan; rank 0 then claims the directory (``run.json``) while the others wait."""
+    plan = plan_run(cfg)
+    distributed.barrier()
+    if plan.finished is None and distributed.rank_world()[0] == 0:
+        claim(cfg, plan)
+    distributed.barrier()
+    return plan
+
+
+def _train(cfg: TrainConfig, console: bool = True) -> dict:
+    plan = _plan(cfg)
+    if plan.finished is not None:
+        return report_finished(cfg, plan, console and distributed.rank_world()[0] == 0)
+    try:
+        job = build_job(cfg, plan, console)
+    except UsageError:
+        if plan.fresh and distributed.rank_world()[0] == 0:
+            release(plan)
+        raise
+    for message in plan.warnings:
+        job.log.warn(message)
+    metrics = _open_metrics(job)
     try:
         train_seconds = _run_steps(job, metrics)
         final = job.evals[-1] if job.evals and job.evals[-1]["step"] == job.step else _evaluate(job, metrics)
@@ -71,6 +133,18 @@ def _train(cfg: TrainConfig) -> dict:
     ckpt = save_checkpoint(job)
     distributed.barrier()
     return _finish(job, final, ckpt, train_seconds)
+
+
+def _open_metrics(job: Job) -> MetricsLog:
+    """``metrics.jsonl``: new for a run from step 0; a resumed run's cut back to its checkpoint's step."""
+    if not job.is_main:
+        return MetricsLog(None, append=False)
+    path = job.out_dir / "metrics.jsonl"
+    if job.resumed:
+        kept = truncate_metrics(path, job.step)
+        if kept != job.step:
+            job.log.warn(f"{path} holds {kept} of the {job.step} steps before the checkpoint; the rest are lost")
+    return MetricsLog(path, append=job.resumed)
 
 
 def _evaluate(job: Job, metrics: MetricsLog) -> dict:
@@ -98,7 +172,7 @@ def _run_steps(job: Job, metrics: MetricsLog) -> float:
     cfg = job.cfg
     n = len(job.train_split.tokenized)
     schedule = step_schedule(n, cfg, job.rank, job.world)
-    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch(n, cfg, job.world)
+    total = total_steps(job)
     for _ in range(job.step):  # skip what the checkpoint already trained on
         next(schedule)
     if not job.resumed:
@@ -112,10 +186,10 @@ def _run_steps(job: Job, metrics: MetricsLog) -> float:
     )
     job.policy.train()
     job.criterion.train()
-    t_loop = time.perf_counter()
+    job.t_loop = time.perf_counter()
     while job.step < total:
         epoch, micro = next(schedule)
-        rec = _train_step(job, epoch, micro, t_loop)
+        rec = _train_step(job, epoch, micro)
         metrics.write(rec)
         bar.set_postfix(progress_postfix(rec["loss"], job.margins), refresh=False)
         bar.update(1)
@@ -125,10 +199,18 @@ def _run_steps(job: Job, metrics: MetricsLog) -> float:
             save_checkpoint(job)
             distributed.barrier()
     bar.close()
-    return time.perf_counter() - t_loop
+    return job.train_seconds()
 
 
-def _train_step(job: Job, epoch: int, micro: list[list[int]], t_loop: float) -> dict:
+def total_steps(job: Job) -> int:
+    """The step the run trains to: ``--max-steps``, or ``--epochs`` whole epochs."""
+    n = len(job.train_split.tokenized)
+    return (
+        job.cfg.max_steps if job.cfg.max_steps is not None else job.cfg.epochs * steps_per_epoch(n, job.cfg, job.world)
+    )
+
+
+def _train_step(job: Job, epoch: int, micro: list[list[int]]) -> dict:
     """One optimiser step over the micro-batches ``micro``; returns its ``metrics.jsonl`` record."""
     cfg = job.cfg
     loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
@@ -140,7 +222,8 @@ def _train_step(job: Job, epoch: int, micro: list[list[int]], t_loop: float) -> 
             out = _micro_batch_loss(job, batch)
             (out.loss / len(micro)).backward()
         loss_sum += out.loss.detach().double()
-        correct = (out.chosen_rewards - out.rejected_rewards > 0).sum()
+        diff = out.chosen_rewards - out.rejected_rewards
+        correct = (diff > 0).sum() + 0.5 * (diff == 0).sum()  # a tie (policy = reference) counts half
         reward_sums += torch.stack([out.chosen_rewards.sum(), out.rejected_rewards.sum(), correct]).double()
     params = job.policy.parameters()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
@@ -149,7 +232,7 @@ def _train_step(job: Job, epoch: int, micro: list[list[int]], t_loop: float) -> 
     job.optimizer.zero_grad(set_to_none=True)
     job.criterion.update_margins()  # once per optimiser step; all-reduces across ranks
     job.step += 1
-    return _step_record(job, epoch, len(micro), loss_sum, reward_sums, grad_norm, t_loop)
+    return _step_record(job, epoch, len(micro), loss_sum, reward_sums, grad_norm)
 
 
 def _micro_batch_loss(job: Job, batch: dict):
@@ -161,13 +244,15 @@ def _micro_batch_loss(job: Job, batch: dict):
     return out
 
 
-def _step_record(job: Job, epoch, n_micro, loss_sum, reward_sums, grad_norm, t_loop) -> dict:
+def _step_record(job: Job, epoch, n_micro, loss_sum, reward_sums, grad_norm) -> dict:
     """The ``metrics.jsonl`` record of the step just taken (losses and rewards all-reduced over ranks)."""
     margins, names = job.margins, job.names
     packed = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), reward_sums]).cpu())
     n_pairs = n_micro * job.cfg.batch_size * job.world
     last = margins.history[-1]
-    job.history.append(dict(step=job.step, margin=margins.value.cpu().tolist(), rate=list(last["rate"])))
+    # A category no batch has held yet has no rate (CategoryMargins reports 0 for it).
+    rate = [r if n > 0 else None for r, n in zip(last["rate"], last["count"])]
+    job.history.append(dict(step=job.step, margin=margins.value.cpu().tolist(), rate=rate))
     return dict(
         kind="train",
         step=job.step,
@@ -181,16 +266,20 @@ def _step_record(job: Job, epoch, n_micro, loss_sum, reward_sums, grad_norm, t_l
         margin=dict(zip(names, margins.value.cpu().tolist())),
         ema_unsafe_rate=dict(zip(names, last["rate"])),
         margin_active=[n for n, a in zip(names, last["active"]) if a],
-        time=time.perf_counter() - t_loop,
+        time=job.train_seconds(),
     )
 
 
 def _finish(job: Job, final: dict, ckpt: Path | None, train_seconds: float) -> dict:
-    """The summary (every rank); on rank 0 the final table, ``eval.json``, the plot and ``summary.json``."""
+    """The summary (every rank); on rank 0 the final table, ``eval.json``, the plot, ``summary.json``, and
+    ``run.json`` marked finished (last: a rerun reports a finished run only once all of it is written)."""
     cfg, margins = job.cfg, job.margins
+    per_epoch = steps_per_epoch(len(job.train_split.tokenized), cfg, job.world)
     summary = dict(
         config=dataclasses.asdict(cfg),
+        run_id=job.plan.run_id,
         steps=job.step,
+        steps_per_epoch=per_epoch,
         world_size=job.world,
         train_seconds=train_seconds,
         total_seconds=time.perf_counter() - job.t_start,
@@ -209,13 +298,19 @@ def _finish(job: Job, final: dict, ckpt: Path | None, train_seconds: float) -> d
     (job.out_dir / "eval_table.txt").write_text(table + "\n", encoding="utf-8")
     (job.out_dir / "eval.json").write_text(json.dumps(final, indent=1), encoding="utf-8")
     if cfg.plot:
-        title = f"{cfg.loss_type}: margins and held-out unsafe rates"
-        png = plot_history(job.history, job.evals, job.names, job.out_dir / "margins.png", title)
-        summary["plot"] = str(png)
-        job.log(f"plot: {png}")
-    (job.out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        summary["plot"] = str(_plot(job))
+        job.log(f"plot: {summary['plot']}")
+    write_json_atomic(job.out_dir / "summary.json", summary)
+    mark_finished(job.plan, job.step, per_epoch)
     job.log(
-        f"metrics: {summary['metrics']}; checkpoint: {ckpt}; {job.step} steps in {train_seconds:.1f}s "
-        f"(total {summary['total_seconds']:.1f}s)"
+        f"metrics: {summary['metrics']}; checkpoint: {ckpt}; {job.step} steps, {train_seconds:.1f}s of training "
+        f"(this process: {summary['total_seconds']:.1f}s in all)"
     )
     return summary
+
+
+def _plot(job: Job) -> Path:
+    from .plots import plot_run
+
+    options = dict(target=job.cfg.margin_target, safedpo_margin=job.cfg.safedpo_margin)
+    return plot_run(job.history, job.evals, job.names, job.out_dir / "margins.png", job.cfg.loss_type, options)

@@ -1,19 +1,29 @@
-"""What a run shows: ``metrics.jsonl``, the held-out table, the ``--compare`` table, the progress bar, the plot."""
+"""What a run shows: ``metrics.jsonl``, ``train.log``, the held-out table, the ``--compare`` table, the progress bar.
+
+The figures are drawn by :mod:`catdpo_kernels.training.plots`.
+
+**Unsafe rate and ties.** A pair whose policy and reference log-ratios are equal
+(``h = 0``: every pair before the first step, when the policy *is* the
+reference) is no evidence either way, so the program counts a tie as half:
+``unsafe = 1[h < 0] + ½·1[h = 0]``, the value the soft rate ``σ(−β·h)`` takes at
+``h = 0`` (and the AUC convention). The same holds for the reward accuracy
+(``1[h > 0] + ½·1[h = 0]``).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
-import torch
-
-from ..margins import CategoryMargins
+TIE_RULE = "unsafe = mean of 1[h < 0] + 0.5*1[h = 0] (a tie counts half), soft = mean sigmoid(-beta*h)"
 
 
 class MetricsLog:
     """``metrics.jsonl``, one JSON record a line, flushed as written; on rank 0 only (``path=None`` elsewhere).
 
-    A resumed run appends to the file of the run it resumes.
+    A resumed run first cuts the file back to the checkpoint's step (``truncate_metrics``), then appends.
     """
 
     def __init__(self, path: Path | None, append: bool):
@@ -29,6 +39,70 @@ class MetricsLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps ``<= step`` (and drop a line a crash cut short); returns the train records kept.
+
+    A run resumed from an older checkpoint would otherwise log its steps twice.
+    """
+    if not path.is_file():
+        return 0
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed run
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return sum(1 for line in kept if json.loads(line).get("kind") == "train")
+
+
+class RunLog:
+    """The run's messages: on the console (rank 0, unless quiet) and in ``train.log`` (rank 0).
+
+    Warnings always reach stderr. ``--compare`` sends each run's detail to its ``train.log`` only.
+    """
+
+    def __init__(self, path: Path | None, console: bool):
+        self.path = path
+        self.console = console
+
+    def __call__(self, *parts) -> None:
+        text = " ".join(str(p) for p in parts)
+        if self.console:
+            print(text, flush=True)
+        self._file(text)
+
+    def warn(self, message: str) -> None:
+        if self.path is not None or self.console:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        self._file(f"warning: {message}")
+
+    def _file(self, text: str) -> None:
+        if self.path is not None and self.path.parent.is_dir():
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+
+
+def report_finished(cfg, plan, console: bool) -> dict:
+    """A rerun of a finished run: say so, show its table again, return its summary (``already_finished``)."""
+    summary = dict(plan.finished, already_finished=True)
+    if console and not cfg.quiet:
+        table = plan.out_dir / "eval_table.txt"
+        if table.is_file():
+            print(table.read_text(encoding="utf-8").rstrip())
+        print(
+            f"{plan.out_dir} holds this run, already finished ({summary['steps']} steps): nothing to train. "
+            "--max-steps N continues it further, --overwrite trains it again.",
+            flush=True,
+        )
+    return summary
 
 
 def _fmt(v, spec=".3f"):
@@ -50,7 +124,7 @@ def format_eval_table(ev: dict) -> str:
     lines = [
         f"Held-out results: loss={ev['loss_type']}, step {ev['step']}, {ev['pairs']} pairs "
         f"({agg['safety_pairs']} safe-vs-unsafe, {agg['benign_pairs']} both-safe)",
-        "  unsafe = mean 1[h <= 0] (policy prefers the unsafe response), soft = mean sigmoid(-beta*h)",
+        f"  {TIE_RULE}",
         f"{'category':<{width}}{'count':>6}{'unsafe':>9}{'soft':>9}{'margin':>9}",
     ]
     for r in ev["categories"]:
@@ -84,36 +158,45 @@ _COMPARE_AGGREGATES = (
 
 
 def format_compare_table(results: dict[str, dict]) -> str:
-    """One side-by-side table of the final held-out results of several runs."""
+    """One side-by-side table of the final held-out results of several runs (full category names)."""
     kinds = list(results)
     evs = [results[k]["eval"] for k in kinds]
-    names = [r["name"] for r in evs[0]["categories"]]
-    width = max(len(n) for n in names) + 8
-    col = 10
-    lines = [f"{'':<{width}}" + "".join(f"{k:>{col}}" for k in kinds), "aggregate (held-out)"]
+    cats = evs[0]["categories"]
+    labels = [f"{r['name']} ({r['count']})" for r in cats]
+    width = max(len(label) for label in [*labels, *(a[0] for a in _COMPARE_AGGREGATES)]) + 4
+    col = max(9, *(len(k) + 2 for k in kinds))
+    agg0 = evs[0]["aggregate"]
+    lines = [
+        f"Held-out results after {results[kinds[0]]['steps']} steps, same seed and data: {evs[0]['pairs']} pairs "
+        f"({agg0['safety_pairs']} safe-vs-unsafe, {agg0['benign_pairs']} both-safe)",
+        f"  {TIE_RULE}",
+        f"{'':<{width}}" + "".join(f"{k:>{col}}" for k in kinds),
+    ]
 
-    def row(label, values, spec=".3f"):
-        lines.append(f"  {label:<{width - 2}}" + "".join(f"{_fmt(v, spec):>{col}}" for v in values))
+    def row(label, values, spec=".3f", extra=""):
+        lines.append(f"  {label:<{width - 2}}" + "".join(f"{_fmt(v, spec):>{col}}" for v in values) + extra)
 
     for label, key, spec in _COMPARE_AGGREGATES:
         row(label, [e["aggregate"][key] for e in evs], spec)
     row("train time (s)", [results[k]["train_seconds"] for k in kinds], ".1f")
-    worst = [short(e["aggregate"]["worst"]) for e in evs]
-    lines.append(f"  {'worst category':<{width - 2}}" + "".join(f"{w:>{col}}" for w in worst))
-    lines.append("per-category unsafe rate, mean 1[h <= 0] (count)")
-    for c, name in enumerate(names):
-        count = evs[0]["categories"][c]["count"]
-        row(f"{name} ({count})", [e["categories"][c]["unsafe_rate"] for e in evs])
-    if "catdpo" in results:
-        lines.append("catdpo final margins")
-        cat = results["catdpo"]["eval"]["categories"]
-        for c, name in enumerate(names):
-            lines.append(f"  {name:<{width - 2}}{'':>{col * (len(kinds) - 1)}}{cat[c]['margin']:>{col}.3f}")
+    has_margins = "catdpo" in results
+    heading = f"{'per-category unsafe rate (pairs)':<{width}}" + "".join(f"{k:>{col}}" for k in kinds)
+    lines.append(heading + (f"{'catdpo margin':>{col + 6}}" if has_margins else ""))
+    margins = [r["margin"] for r in results["catdpo"]["eval"]["categories"]] if has_margins else None
+    for c, label in enumerate(labels):
+        extra = f"{margins[c]:>{col + 6}.3f}" if has_margins else ""
+        row(label, [e["categories"][c]["unsafe_rate"] for e in evs], extra=extra)
+    for k, e in zip(kinds, evs):
+        worst = e["aggregate"]["worst"]
+        rate = next((r["unsafe_rate"] for r in e["categories"] if r["name"] == worst), None)
+        lines.append(f"  worst category, {k}: {worst or '-'} ({_fmt(rate)})")
     return "\n".join(lines)
 
 
-def worst_category(margins: CategoryMargins) -> int | None:
+def worst_category(margins) -> int | None:
     """The tracked category with the highest EMA unsafe rate (``None`` before any count)."""
+    import torch
+
     count = margins.ema_count
     if not bool((count > 0).any()):
         return None
@@ -121,7 +204,7 @@ def worst_category(margins: CategoryMargins) -> int | None:
     return int(rate.argmax())
 
 
-def progress_postfix(loss: float, margins: CategoryMargins) -> dict:
+def progress_postfix(loss: float, margins) -> dict:
     """The progress bar's postfix: the step's loss and the category with the highest EMA unsafe rate."""
     postfix = {"loss": f"{loss:.4f}"}
     worst = worst_category(margins)
@@ -129,37 +212,3 @@ def progress_postfix(loss: float, margins: CategoryMargins) -> dict:
         name = short(margins.names[worst], 14)
         postfix["worst"] = f"{name} m={margins.value[worst].item():.2f} r={margins.rate[worst].item():.2f}"
     return postfix
-
-
-def plot_history(history: list[dict], evals: list[dict], names, path: Path, title: str) -> Path:
-    """Margins per optimiser step and held-out per-category unsafe rates per evaluation, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("tab20")
-    fig, axes = plt.subplots(3, 1, figsize=(11, 11), sharex=True)
-    steps = [h["step"] for h in history]
-    es = [e["step"] for e in evals]
-    for c, name in enumerate(names):
-        color = cmap(c % 20)
-        axes[0].plot(steps, [h["margin"][c] for h in history], color=color, label=name)
-        axes[1].plot(es, [_nan(e["categories"][c]["unsafe_rate"]) for e in evals], color=color, marker=".")
-        axes[2].plot(es, [_nan(e["categories"][c]["soft_unsafe"]) for e in evals], color=color, marker=".")
-    axes[0].set_ylabel("margin $\\Delta_c$")
-    axes[1].set_ylabel("held-out mean 1[h <= 0]")
-    axes[2].set_ylabel("held-out mean sigmoid(-beta h)")
-    axes[2].set_xlabel("optimiser step")
-    axes[0].set_title(title)
-    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _nan(v):
-    return float("nan") if v is None else v
