@@ -89,9 +89,10 @@ def test_cli_smoke_json_ratios_table_markdown_plot(tmp_path, capsys):
     md = paths["markdown"].read_text()
     assert "| case | variant |" in md and "2x8x64 fp32" in md and meta["device_label"] in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # --save-results: the same JSON and markdown under device-stamped names.
+    # --save-results: the same JSON, markdown and plot under device-stamped names.
     saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
-    assert len(saved) == 2 and saved[0].startswith("cpu-") and saved[0].endswith(".json") and saved[1].endswith(".md")
+    assert [name.rsplit(".", 1)[1] for name in saved] == ["json", "md", "png"], saved
+    assert saved[0].startswith("cpu-") and len({name.rsplit(".", 1)[0] for name in saved}) == 1
     assert json.loads((tmp_path / "saved" / saved[0]).read_text())["results"] == data["results"]
     # The digest gpu_check.sh prints.
     assert summary_main([str(paths["json"])]) == 0
@@ -277,7 +278,8 @@ def test_head_smoke_json_ratios_targets_table_markdown_plot(tmp_path, capsys):
     assert "| case | variant | sched |" in md and case in md and "## Performance targets (fused head)" in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
-    assert len(saved) == 2 and saved[0].startswith("cpu-") and "_head_" in saved[0] and saved[1].endswith(".md")
+    assert [name.rsplit(".", 1)[1] for name in saved] == ["json", "md", "png"], saved
+    assert saved[0].startswith("cpu-") and "_head_" in saved[0]
     assert summary_main([str(paths["json"])]) == 0
     digest = capsys.readouterr().out
     assert f"case **{case}**" in digest and "| ours-torch |" in digest and "Targets:" in digest

@@ -14,15 +14,15 @@ from . import report as R
 
 
 def saved_paths(directory: str | None, meta: dict, tag: str | None = None) -> list[str]:
-    """``--save-results DIR``: ``DIR/<device>[_<tag>]_<UTC time>.json`` and ``.md``, so that the runs of
-    several machines and modes can sit side by side; none without the option."""
+    """``--save-results DIR``: ``DIR/<device>[_<tag>]_<UTC time>`` ``.json``, ``.md`` and ``.png``, so that
+    the runs of several machines and modes can sit side by side; none without the option."""
     if not directory:
         return []
     from .env import device_slug
 
     stamp = meta["date_utc"][:19].replace(":", "").replace("-", "")
     stem = os.path.join(directory, "_".join(filter(None, (device_slug(meta["device"]), tag, stamp))))
-    return [stem + ".json", stem + ".md"]
+    return [stem + ".json", stem + ".md", stem + ".png"]
 
 
 class Output:
@@ -39,16 +39,18 @@ class Output:
 
     def flush(self, final: bool = False) -> None:
         self.annotate()
+        if final:  # first, so that a note on a plot that could not be drawn reaches the files
+            for path in [self.plot] + self.saved[2:]:
+                note = R.write_plot(self.report, path) if path else None
+                if note:
+                    self.report["notes"].append(f"plot {path} not written: {note}")
+                    break
         for path in [self.json] + self.saved[:1]:
             if path:
                 R.write_json(self.report, path)
-        for path in [self.markdown] + self.saved[1:]:
+        for path in [self.markdown] + self.saved[1:2]:
             if path:
                 R.write_markdown(self.report, path)
-        if final and self.plot:
-            note = R.write_plot(self.report, self.plot)
-            if note:
-                self.report["notes"].append(f"plot not written: {note}")
 
     def finish(self, status: int) -> int:
         """Prints the table and the files written; the exit status is 1 when a row failed (error, oom)
