@@ -127,8 +127,9 @@ def contention_note(record: dict) -> str | None:
     if not record or not record["contention"]["busy_processes"]:
         return None
     n = record["contention"]["busy_processes"]
+    threads = record["threads"]["count"]
     return (
         f"contention mode: {n} busy process{'es' if n > 1 else ''} (one core each) ran during the whole "
-        f"sweep, on {record['contention']['cores']} cores; {record['threads']['count']} torch threads "
+        f"sweep, on {record['contention']['cores']} cores; {threads} torch thread{'s' if threads != 1 else ''} "
         f"({record['threads']['chosen_by']})"
     )

@@ -77,7 +77,9 @@ def device_info(device: torch.device) -> dict:
 def device_label(info: dict) -> str:
     if info.get("type") == "cuda":
         return f"{info['name']} (CUDA {info.get('cuda_runtime')}, {info.get('memory_GiB')} GiB)"
-    return f"CPU: {info['name']} ({info.get('usable_cpus')} usable cores, {info.get('torch_threads')} torch threads)"
+    threads = info.get("torch_threads")
+    plural = "" if threads == 1 else "s"
+    return f"CPU: {info['name']} ({info.get('usable_cpus')} usable cores, {threads} torch thread{plural})"
 
 
 def device_slug(info: dict) -> str:
