@@ -332,20 +332,29 @@ def _bars(axes, rows: list[dict], cases: list[str], budget) -> None:
         ax.set_ylabel(("ms (median)", "MiB", "% of GEMM")[k])
         if k == 1:
             ax.set_yscale("symlog", linthresh=1.0)
-            if budget:
-                ax.axhline(budget / MiB + 64, color="gray", ls="--", lw=1, label="tile budget + 64 MiB")
+            if budget:  # labelled on the line itself: a legend box would hide the bars behind it
+                line = budget / MiB + 64
+                ax.axhline(line, color="gray", ls="--", lw=1)
+                ax.annotate(
+                    "tile budget + 64 MiB",
+                    (1, line),
+                    xycoords=("axes fraction", "data"),
+                    xytext=(-3, 3),
+                    textcoords="offset points",
+                    ha="right",
+                    fontsize=7,
+                    color="gray",
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1),
+                )
         ax.grid(True, axis="y", alpha=0.3)
-        handles, names = ax.get_legend_handles_labels()
-        if len(cases) == 1:  # bars coloured by role: say which colour is which
-            from matplotlib.patches import Patch
+        if k == 0:
+            if len(cases) == 1:  # bars coloured by role: say which colour is which, once
+                from matplotlib.patches import Patch
 
-            keep = [(h, n) for h, n in zip(handles, names) if n not in cases]
-            handles = [h for h, _ in keep] + [Patch(color=c, label=role) for role, c in ROLE_COLORS.items()]
-            names = [n for _, n in keep] + list(ROLE_COLORS)
-            if k != 0 and not keep:
-                continue
-        if handles:
-            ax.legend(handles, names, fontsize=7)
+                handles = [Patch(color=c, label=role) for role, c in ROLE_COLORS.items()]
+                ax.legend(handles=handles, fontsize=7, loc="best")
+            else:
+                ax.legend(fontsize=7, loc="best")
 
 
 def _lines_vs_tokens(axes, rows: list[dict], budget) -> None:

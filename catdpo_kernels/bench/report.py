@@ -389,7 +389,11 @@ def pyplot():
 def save_figure(plt, fig, report: dict, path, title: str = "catdpo-bench") -> None:
     """Titles the figure with the device, date and torch version, then writes it atomically (as the files)."""
     meta = report["meta"]
-    fig.suptitle(f"{title}: {meta['device_label']}\n{meta['date_utc']}, torch {meta['versions']['torch']}", fontsize=10)
+    busy = (meta.get("host", {}).get("contention") or {}).get("busy_processes")
+    under = f", {busy} other busy process{'es' if busy > 1 else ''} (contention mode)" if busy else ""
+    fig.suptitle(
+        f"{title}: {meta['device_label']}{under}\n{meta['date_utc']}, torch {meta['versions']['torch']}", fontsize=10
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
