@@ -122,3 +122,13 @@ def test_readme_signatures_are_the_real_ones(pattern, target):
     documented = _documented_parameters("(" + match.group(1) + ")")
     real = [p for p in inspect.signature(target).parameters if p != "self"]
     assert documented == real
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## The two commands") :]
+    blocks = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    test_command = next(b for b in blocks if "pytest" in b and "\n" not in b)
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert ci[-1] == test_command
+    assert (README.parent / test_command.rsplit("bash ", 1)[1]).is_file()

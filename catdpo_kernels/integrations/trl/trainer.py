@@ -259,7 +259,8 @@ class CatDPOTrainer(DPOTrainer):
         super().log(logs, start_time)
 
     def _log_eval_stats(self, logs: dict[str, float], table: torch.Tensor) -> None:
-        """The evaluation's per-category unsafe rates (``hard``: mean 1[h <= 0]; ``soft``), summed over ranks."""
+        """The evaluation's per-category unsafe rates, summed over ranks: ``hard`` (mean 1[h < 0] + ½·1[h = 0])
+        and ``soft``."""
         table = self.accelerator.reduce(table.to(self.accelerator.device), reduction="sum")
         stats = CategoryStats(table.double().cpu())
         count = stats.count.tolist()
