@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+
+from .session import RunPlan
 
 DESCRIPTION = (
     "Benchmark catdpo_kernels.loss backends (reference = naive eager baseline, compiled = naive under "
@@ -177,18 +180,48 @@ def main(argv=None) -> int:
         if getattr(args, flag):
             parser.error(f"--{flag.replace('_', '-')} needs --head")
 
+    from .output import Output
+    from .session import Sweep, cpu_notes, pick_device, start_run
+    from .targets import annotate
+
+    device = pick_device(args.device, parser)
+    plan = _plan(args, parser, device)
+    meta, cpu_record, cpu_run = start_run(args, parser, device)
+    report = _skeleton(args, plan, meta, argv_list)
+    report["notes"] += _opening_notes(args, plan) + cpu_notes(meta, cpu_record)
+
+    def annotate_rows() -> None:
+        annotate(report["results"], device_type=device.type, copy_gbps=(report["copy_bandwidth"] or {}).get("GBps"))
+
+    output = Output(report, args, annotate=annotate_rows)
+    with Sweep(report, output, total=plan.total, no_progress=args.no_progress, cpu_run=cpu_run) as sweep:
+        _measure_copy_bandwidth(args, plan, report, sweep)
+        _sweep_cases(args, plan, report, sweep, output)
+    return output.finish(sweep.status)
+
+
+@dataclass
+class _Plan(RunPlan):
+    """The logits mode's plan: backends and GPU timing windows, and the LM-head anchors."""
+
+    backends: list[str]
+    warmup_ms: float
+    rep_ms: float
+    anchor_notes: list[str]
+    run_anchors: bool
+    anchor_dim: int
+    anchor_variants: list
+
+    @property
+    def total(self) -> int:
+        return len(self.shapes) * len(self.dtypes) * (len(self.variants) + len(self.anchor_variants))
+
+
+def _plan(args, parser, device) -> _Plan:
     from . import anchors as A
     from . import cases as C
-    from .cpu_setup import contention_note, setup_cpu
-    from .memory import OOM_ERRORS, release
-    from .output import Output
-    from .runner import Settings, blank_result, run_variant
-    from .session import Sweep, load_note, pick_device, start_meta
-    from .targets import annotate
-    from .timing import copy_bandwidth, rotation_sets
+    from .runner import Settings
 
-    # ---------------------------------------------------------- options
-    device = pick_device(args.device, parser)
     on_gpu = device.type == "cuda"
     try:
         shapes = C.parse_shapes(args.shapes) if args.shapes else None
@@ -215,143 +248,157 @@ def main(argv=None) -> int:
     settings = Settings(
         device=device, repeats=repeats, warmup_ms=warmup_ms, rep_ms=rep_ms, memory=not args.no_memory, modes=modes
     )
-    variants = C.logits_variants(backends, device=device, inplace=args.inplace, triton_configs=configs)
-
     anchor_notes = [f"{label}: {why}" for label, why in A.availability().items() if why]
-    if args.anchors == "on":
-        run_anchors = True
-    elif args.anchors == "off":
-        run_anchors = False
-    else:
+    if args.anchors == "auto":
         run_anchors = on_gpu and len(anchor_notes) < len(A.ANCHOR_MODULES)
-    anchor_dim = args.anchor_hidden or (4096 if on_gpu else 256)
-    anchor_variants = A.lm_head_variants(device) if run_anchors else []
-
-    # ---------------------------------------------------------- report skeleton
-    try:
-        cpu_record, cpu_run = setup_cpu(args, device)
-    except ValueError as exc:
-        parser.error(str(exc))
-    meta = start_meta(device)
-    meta["host"].update(cpu_record)
-    timing_text = (
-        f"triton.testing.do_bench (L2 flushed per run), warm-up {warmup_ms} ms, measuring {rep_ms} ms per mode; "
-        "median with 20th/80th percentiles; inputs rotated when one set fits in 4x L2"
-        if on_gpu
-        else f"wall clock, 1 warm-up fwd+bwd per variant, then {repeats} timed runs per mode; median"
+    else:
+        run_anchors = args.anchors == "on"
+    return _Plan(
+        device=device,
+        shapes=shapes,
+        dtypes=dtypes,
+        backends=backends,
+        modes=modes,
+        repeats=repeats,
+        warmup_ms=warmup_ms,
+        rep_ms=rep_ms,
+        settings=settings,
+        variants=C.logits_variants(backends, device=device, inplace=args.inplace, triton_configs=configs),
+        anchor_notes=anchor_notes,
+        run_anchors=run_anchors,
+        anchor_dim=args.anchor_hidden or (4096 if on_gpu else 256),
+        anchor_variants=A.lm_head_variants(device) if run_anchors else [],
     )
-    report = {
+
+
+def _skeleton(args, plan: _Plan, meta: dict, argv_list: list[str]) -> dict:
+    """The report before any row: what is measured, and how."""
+    from . import cases as C
+
+    on_gpu = plan.on_gpu
+    timing_text = (
+        f"triton.testing.do_bench (L2 flushed per run), warm-up {plan.warmup_ms} ms, measuring {plan.rep_ms} ms "
+        "per mode; median with 20th/80th percentiles; inputs rotated when one set fits in 4x L2"
+        if on_gpu
+        else f"wall clock, 1 warm-up fwd+bwd per variant, then {plan.repeats} timed runs per mode; median"
+    )
+    memory_text = "off"
+    if not args.no_memory:
+        memory_text = "peak above the allocation at entry, " + (
+            "CUDA allocator counters"
+            if on_gpu
+            else "replay of torch.profiler [memory] events (the profiler sees one thread: while it "
+            "records, the torch backend runs its blocks in the calling thread, one block holding as "
+            "many logits as the worker threads' blocks together)"
+        )
+    return {
         "meta": meta,
         "settings": {
             "argv": ["catdpo-bench"] + argv_list,
-            "device": device.type,
-            "shapes": [str(s) for s in shapes],
-            "dtypes": [C.dtype_name(d) for d in dtypes],
-            "backends": backends,
-            "variants": [v.label for v in variants] + [v.label for v in anchor_variants],
-            "modes": modes,
-            "repeats": repeats if not on_gpu else None,
-            "warmup_ms": warmup_ms if on_gpu else None,
-            "rep_ms": rep_ms if on_gpu else None,
+            "device": plan.device.type,
+            "shapes": [str(s) for s in plan.shapes],
+            "dtypes": [C.dtype_name(d) for d in plan.dtypes],
+            "backends": plan.backends,
+            "variants": [v.label for v in plan.variants] + [v.label for v in plan.anchor_variants],
+            "modes": plan.modes,
+            "repeats": plan.repeats if not on_gpu else None,
+            "warmup_ms": plan.warmup_ms if on_gpu else None,
+            "rep_ms": plan.rep_ms if on_gpu else None,
             "check_inputs": False,
             "loss": (
                 f"loss_type=catdpo, beta={C.BETA}, C={C.NUM_CATEGORIES}, reduction=mean, ref logits given, "
                 f"first {int(C.PROMPT_FRACTION * 100)}% of every row a masked prompt"
             ),
             "timing": timing_text,
-            "memory": (
-                "off"
-                if args.no_memory
-                else "peak above the allocation at entry, "
-                + (
-                    "CUDA allocator counters"
-                    if on_gpu
-                    else "replay of torch.profiler [memory] events (the profiler sees one thread: while it "
-                    "records, the torch backend runs its blocks in the calling thread, one block holding as "
-                    "many logits as the worker threads' blocks together)"
-                )
-            ),
-            "anchors": {"enabled": run_anchors, "hidden_dim": anchor_dim if run_anchors else None},
+            "memory": memory_text,
+            "anchors": {"enabled": plan.run_anchors, "hidden_dim": plan.anchor_dim if plan.run_anchors else None},
         },
         "copy_bandwidth": None,
         "notes": [],
         "results": [],
     }
-    notes = report["notes"]
-    if "reference" not in backends:
+
+
+def _opening_notes(args, plan: _Plan) -> list[str]:
+    notes = []
+    if "reference" not in plan.backends:
         notes.append("no naive baseline (backend=reference) in this run: ratios are n/a")
-    if not on_gpu and "triton" in backends:
+    if not plan.on_gpu and "triton" in plan.backends:
         notes.append("triton rows are skipped on CPU: the TRITON_INTERPRET=1 interpreter is never benchmarked")
-    if anchor_notes and (run_anchors or on_gpu):
-        notes.append("anchors skipped: " + "; ".join(anchor_notes))
-    elif not run_anchors and args.anchors == "auto" and not on_gpu:
+    if plan.anchor_notes and (plan.run_anchors or plan.on_gpu):
+        notes.append("anchors skipped: " + "; ".join(plan.anchor_notes))
+    elif not plan.run_anchors and args.anchors == "auto" and not plan.on_gpu:
         notes.append("anchors (Liger-Kernel, Cut Cross-Entropy) need CUDA: not run on CPU")
-    if not on_gpu:
-        notes.append(load_note(meta))
-        if contention_note(cpu_record):
-            notes.append(contention_note(cpu_record))
+    return notes
 
-    def annotate_rows() -> None:
-        annotate(report["results"], device_type=device.type, copy_gbps=(report["copy_bandwidth"] or {}).get("GBps"))
 
-    output = Output(report, args, annotate=annotate_rows)
-    total = len(shapes) * len(dtypes) * (len(variants) + len(anchor_variants))
-    with Sweep(report, output, total=total, no_progress=args.no_progress, cpu_run=cpu_run) as sweep:
-        progress = sweep.progress
-        if args.copy_gbps:
-            report["copy_bandwidth"] = {"GBps": args.copy_gbps, "method": "given with --copy-gbps"}
-        elif args.copy_bandwidth:
-            progress.set_postfix_str("copy bandwidth")
-            report["copy_bandwidth"] = copy_bandwidth(device)
-            sweep.say(f"copy bandwidth: {report['copy_bandwidth']['GBps']:.0f} GB/s")
-        elif on_gpu:
-            notes.append("no --copy-bandwidth: bandwidth is shown in GB/s only, not as % of a copy")
-        done = 0
+def _measure_copy_bandwidth(args, plan: _Plan, report: dict, sweep) -> None:
+    from .timing import copy_bandwidth
 
-        def run_group(group_variants, make_inputs, base):
-            nonlocal done
-            try:
-                inputs = make_inputs()
-            except OOM_ERRORS as exc:
-                inputs = None
-                notes.append(f"{base['case']} [{base['group']}]: inputs do not fit ({type(exc).__name__})")
-            for variant in group_variants:
-                progress.set_postfix_str(f"{base['case']} {variant.label}")
-                if inputs is None:
-                    r = blank_result(variant, base, status="oom", note="inputs do not fit")
-                else:
-                    r = run_variant(variant, inputs, base, settings)
-                report["results"].append(r)
-                done += 1
-                progress.update(1)
-                sweep.say(f"[{done}/{total}] {_line(r)}")
-                output.flush()
-            del inputs
-            release(device)
+    if args.copy_gbps:
+        report["copy_bandwidth"] = {"GBps": args.copy_gbps, "method": "given with --copy-gbps"}
+    elif args.copy_bandwidth:
+        sweep.progress.set_postfix_str("copy bandwidth")
+        report["copy_bandwidth"] = copy_bandwidth(plan.device)
+        sweep.say(f"copy bandwidth: {report['copy_bandwidth']['GBps']:.0f} GB/s")
+    elif plan.on_gpu:
+        report["notes"].append("no --copy-bandwidth: bandwidth is shown in GB/s only, not as % of a copy")
 
-        for shape in shapes:
-            for dtype in dtypes:
-                base = {
-                    "case": f"{shape} {C.dtype_name(dtype)}",
-                    "shape": {"rows": shape.rows, "tokens": shape.tokens, "vocab": shape.vocab},
-                    "shape_str": str(shape),
-                    "dtype": C.dtype_name(dtype),
-                    "group": "logits",
-                    "_shape": shape,
-                    "_dtype": dtype,
-                }
-                base["input_sets"] = nsets = rotation_sets(2 * shape.numel * dtype.itemsize, device)
+
+def _sweep_cases(args, plan: _Plan, report: dict, sweep, output) -> None:
+    """Every (shape, dtype) case: the logits rows, then the LM-head anchors if they run."""
+    from . import anchors as A
+    from . import cases as C
+    from .memory import OOM_ERRORS, release
+    from .runner import blank_result, run_variant
+    from .timing import rotation_sets
+
+    device, progress = plan.device, sweep.progress
+    done = 0
+
+    def run_group(group_variants, make_inputs, base):
+        nonlocal done
+        try:
+            inputs = make_inputs()
+        except OOM_ERRORS as exc:
+            inputs = None
+            report["notes"].append(f"{base['case']} [{base['group']}]: inputs do not fit ({type(exc).__name__})")
+        for variant in group_variants:
+            progress.set_postfix_str(f"{base['case']} {variant.label}")
+            if inputs is None:
+                r = blank_result(variant, base, status="oom", note="inputs do not fit")
+            else:
+                r = run_variant(variant, inputs, base, plan.settings)
+            report["results"].append(r)
+            done += 1
+            progress.update(1)
+            sweep.say(f"[{done}/{plan.total}] {_line(r)}")
+            output.flush()
+        del inputs
+        release(device)
+
+    for shape in plan.shapes:
+        for dtype in plan.dtypes:
+            base = {
+                "case": f"{shape} {C.dtype_name(dtype)}",
+                "shape": {"rows": shape.rows, "tokens": shape.tokens, "vocab": shape.vocab},
+                "shape_str": str(shape),
+                "dtype": C.dtype_name(dtype),
+                "group": "logits",
+                "_shape": shape,
+                "_dtype": dtype,
+            }
+            base["input_sets"] = nsets = rotation_sets(2 * shape.numel * dtype.itemsize, device)
+            run_group(
+                plan.variants, lambda: C.make_logits_inputs(shape, dtype, device, sets=nsets, seed=args.seed), base
+            )
+            if plan.anchor_variants:
+                abase = dict(base, group="lm_head", input_sets=1, hidden_dim=plan.anchor_dim)
                 run_group(
-                    variants, lambda: C.make_logits_inputs(shape, dtype, device, sets=nsets, seed=args.seed), base
+                    plan.anchor_variants,
+                    lambda: [A.make_hidden_inputs(shape, dtype, device, plan.anchor_dim, seed=args.seed)],
+                    abase,
                 )
-                if anchor_variants:
-                    abase = dict(base, group="lm_head", input_sets=1, hidden_dim=anchor_dim)
-                    run_group(
-                        anchor_variants,
-                        lambda: [A.make_hidden_inputs(shape, dtype, device, anchor_dim, seed=args.seed)],
-                        abase,
-                    )
-    return output.finish(sweep.status)
 
 
 def _line(r: dict) -> str:

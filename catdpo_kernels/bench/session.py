@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from .progress import progress_bar, say
 
@@ -46,6 +48,49 @@ def start_meta(device) -> dict:
     meta = collect(device)
     meta["host"]["loadavg_start"] = loadavg()
     return meta
+
+
+@dataclass
+class RunPlan:
+    """What one run measures, resolved from the options and the device's defaults; each mode adds its own."""
+
+    device: Any
+    shapes: list
+    dtypes: list
+    modes: list[str]
+    variants: list
+    repeats: int
+    settings: Any
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def start_run(args, parser, device):
+    """Thread count and busy processes of a CPU run (``cpu_setup``), then the report's ``meta``.
+
+    Returns ``(meta, cpu_record, cpu_run)``; ``cpu_run`` (or ``None``) goes to ``Sweep`` to be closed.
+    """
+    from .cpu_setup import setup_cpu
+
+    try:
+        cpu_record, cpu_run = setup_cpu(args, device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    meta = start_meta(device)  # after the thread count is set: meta records it
+    meta["host"].update(cpu_record)
+    return meta, cpu_record, cpu_run
+
+
+def cpu_notes(meta: dict, cpu_record: dict) -> list[str]:
+    """The notes every CPU report opens with: the machine's load, and the contention mode if on."""
+    from .cpu_setup import contention_note
+
+    if meta["device"].get("type") == "cuda":
+        return []
+    contention = contention_note(cpu_record)
+    return [load_note(meta)] + ([contention] if contention else [])
 
 
 def load_note(meta: dict) -> str:
