@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from catdpo_kernels.bench import cases, main, session
+from catdpo_kernels.bench import cases, main, sweep
 from catdpo_kernels.bench.summary import main as summary_main
 from catdpo_kernels.bench.targets import annotate
 from catdpo_kernels.cpu_threads import THREAD_ENV
@@ -105,7 +105,7 @@ def test_cli_sigterm_keeps_partial_results(tmp_path, capsys, monkeypatch):
 
     def forward(backend, inplace=False):
         if backend == "torch":
-            raise session.Interrupted("signal 15")  # what the SIGTERM handler raises, mid-sweep
+            raise sweep.Interrupted("signal 15")  # what the SIGTERM handler raises, mid-sweep
         return real(backend, inplace)
 
     monkeypatch.setattr(cases, "_loss_forward", forward)

@@ -83,7 +83,7 @@ def test_jit_build_matches_aot(tmp_path):
     assert info["source"] == "jit", info
     assert info["cpu_kernel"] and not report["runtime_warnings"]
     assert (os.environ.get("TORCH_EXTENSIONS_DIR") or "torch_extensions") in info["module_file"]
-    # The JIT build of a CPU-only session never compiles the CUDA source.
+    # A JIT build on a CPU-only machine never compiles the CUDA source.
     assert info["cuda"] == info["cuda_kernel"] == (torch.cuda.is_available() and info["cuda"])
     if _ext.has_compiled_op("cpu"):
         # Same sources, same flags: the AOT op in this process gives the same bits.

@@ -127,11 +127,12 @@ def compile_all() -> int:
     return count
 
 
-def test_kernels_compile_for_sm80_and_sm90():
+def _compile_in_subprocess(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root, without the interpreter (which tests set for this process)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, __file__],
+        [sys.executable, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -139,6 +140,11 @@ def test_kernels_compile_for_sm80_and_sm90():
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_kernels_compile_for_sm80_and_sm90():
+    proc = _compile_in_subprocess(__file__)
     assert f"compiled {len(TARGETS) * len(kernel_variants())} kernel variants" in proc.stdout
 
 
@@ -158,18 +164,8 @@ MAX_PER_ELEMENT = {
 
 
 def test_hot_loops_stay_lean_and_vectorised(tmp_path):
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sass.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "catdpo_kernels.bench.sass", "--json", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _compile_in_subprocess("-m", "catdpo_kernels.bench.sass", "--json", str(out))
     loops = json.loads(out.read_text())["loops"]
     assert len(loops) == 10
     for loop in loops:

@@ -13,7 +13,7 @@ Run ``catdpo-bench --help`` or ``python -m catdpo_kernels.bench --help``. Module
 
 Shared by both modes:
 
-- ``session``: the device, the machine's load, the sweep (SIGTERM / Ctrl-C keep partial results);
+- ``sweep``: the device, the machine's load, the sweep (SIGTERM / Ctrl-C keep partial results);
 - ``output``: the JSON / markdown files rewritten after every row, the plot, the table and exit status;
 - ``progress``: the progress bar and the per-row lines on stderr.
 

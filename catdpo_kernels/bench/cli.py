@@ -25,7 +25,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from .session import RunPlan
+from .sweep import RunPlan
 
 DESCRIPTION = (
     "Benchmark catdpo_kernels.loss backends (reference = naive eager baseline, compiled = naive under "
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             parser.error(f"--{flag.replace('_', '-')} needs --head")
 
     from .output import Output
-    from .session import Sweep, cpu_notes, pick_device, start_run
+    from .sweep import Sweep, cpu_notes, pick_device, start_run
     from .targets import annotate
 
     device = pick_device(args.device, parser)

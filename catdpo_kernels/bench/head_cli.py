@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .session import RunPlan
+from .sweep import RunPlan
 
 # Options of the logits mode that mean nothing here.
 LOGITS_ONLY = (
@@ -31,7 +31,7 @@ LOGITS_ONLY = (
 def run(args, parser, argv_list: list[str]) -> int:
     from . import head_targets as HT
     from .output import Output
-    from .session import Sweep, cpu_notes, pick_device, start_run
+    from .sweep import Sweep, cpu_notes, pick_device, start_run
 
     for name in LOGITS_ONLY:
         value = getattr(args, name, None)

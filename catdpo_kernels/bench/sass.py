@@ -141,37 +141,13 @@ def logits_signatures(dt: str, labels: str = "i64"):
 
 def head_signatures(dt: str):
     """Triton signatures of the fused head's fold and gradient kernels over ``dt`` tiles."""
-    scalars = dict(logit_scale="fp32", inv_softcap="fp32", softcap="fp32", inv_temp="fp32")
-    fold = dict(
-        tile_ptr=f"*{dt}",
-        stride_tile="i32",
-        bias_ptr=f"*{dt}",
-        targets_ptr="*i64",
-        max_ptr="*fp32",
-        sum_ptr="*fp32",
-        target_logit_ptr="*fp32",
-        ez_ptr="*fp32",
-        zsum_ptr="*fp32",
-        before_ptr="*fp32",
-        v0="i32",
-        n_cols="i32",
-        **scalars,
-    )
-    fold.update(HAS_BIAS="constexpr", HAS_SCALE="constexpr", HAS_SOFTCAP="constexpr", METRICS="constexpr")
+    tile = dict(tile_ptr=f"*{dt}", stride_tile="i32", bias_ptr=f"*{dt}", targets_ptr="*i64")
+    cols = dict(v0="i32", n_cols="i32", logit_scale="fp32", inv_softcap="fp32", softcap="fp32", inv_temp="fp32")
+    flags = dict(HAS_BIAS="constexpr", HAS_SCALE="constexpr", HAS_SOFTCAP="constexpr")
+    outputs = ("max_ptr", "sum_ptr", "target_logit_ptr", "ez_ptr", "zsum_ptr", "before_ptr")
+    fold = dict(tile, **dict.fromkeys(outputs, "*fp32"), **cols, **flags, METRICS="constexpr")
     fold.update(GROUP="constexpr", BLOCK_V="constexpr")
-    grad = dict(
-        tile_ptr=f"*{dt}",
-        stride_tile="i32",
-        bias_ptr=f"*{dt}",
-        targets_ptr="*i64",
-        lse_ptr="*fp32",
-        g_ptr="*fp32",
-        v0="i32",
-        n_cols="i32",
-        **scalars,
-    )
-    grad.update(HAS_BIAS="constexpr", HAS_SCALE="constexpr", HAS_SOFTCAP="constexpr", INTERPRET="constexpr")
-    grad.update(BLOCK_V="constexpr")
+    grad = dict(tile, lse_ptr="*fp32", g_ptr="*fp32", **cols, **flags, INTERPRET="constexpr", BLOCK_V="constexpr")
     return fold, grad
 
 

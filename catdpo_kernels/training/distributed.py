@@ -21,7 +21,7 @@ __all__ = [
     "maybe_init_distributed",
     "pick_device",
     "rank_world",
-    "session",
+    "process_group",
 ]
 
 
@@ -48,7 +48,7 @@ def maybe_init_distributed(device_pref: str = "auto") -> bool:
 
 
 @contextlib.contextmanager
-def session(device_pref: str = "auto"):
+def process_group(device_pref: str = "auto"):
     """Initialise the process group (under torchrun) for the duration of the block, and destroy it after."""
     init_here = maybe_init_distributed(device_pref)
     try:

@@ -54,7 +54,7 @@ def train(cfg: TrainConfig) -> dict:
     Raises ``UsageError`` for a user mistake.
     """
     cfg = validate(cfg)
-    with thread_count(cfg.threads), distributed.session(cfg.device):
+    with thread_count(cfg.threads), distributed.process_group(cfg.device):
         return _train(cfg)
 
 
@@ -66,7 +66,7 @@ def compare(cfg: TrainConfig, loss_types=COMPARE_LOSS_TYPES) -> dict:
     """
     cfg = validate(cfg, compare=True)
     plan_compare(cfg)
-    with thread_count(cfg.threads), distributed.session(cfg.device):
+    with thread_count(cfg.threads), distributed.process_group(cfg.device):
         rank, _ = distributed.rank_world()
         say = print if rank == 0 and not cfg.quiet else (lambda *a, **k: None)
         if rank == 0:
